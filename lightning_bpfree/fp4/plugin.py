@@ -1,0 +1,252 @@
+"""Lightning precision plugins: ``NVFP4Precision`` and ``FP4Precision``.
+
+``Trainer(plugins=[NVFP4Precision()])`` trains with every eligible ``nn.Linear`` in emulated NVFP4
+(the three GEMMs per ``FP4Recipe``) while master weights, optimizer state, embeddings, norms and the
+LM head stay in their own precision. The plugin converts layers in place in ``convert_module``,
+counts optimizer steps for the late switch to high precision, and stores that count, the recipe and
+the stochastic-rounding generator states in checkpoints.
+
+Where TransformerEngine and a GPU with NVFP4 tensor cores (compute capability 10.0 or 10.3) are
+present, ``NVFP4Precision(backend="auto")`` hands the layers to TransformerEngine's
+``NVFP4BlockScaling`` recipe instead of the emulation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_bpfree.fp4.convert import ConversionReport, convert_to_fp4, fp4_layers, plan_conversion, replace_module
+from lightning_bpfree.fp4.linear import COMPUTE_DTYPES
+from lightning_bpfree.fp4.recipe import GEMMS, OPERANDS, FP4Recipe
+
+BACKENDS = ("auto", "emulate", "transformer_engine")
+NVFP4_CAPABILITIES = ((10, 0), (10, 3))  # full recipe (RHT + SR) only on SM100 / SM103
+
+
+def nvfp4_hardware_available() -> bool:
+    """Whether the current CUDA device has the full NVFP4 recipe in hardware (compute capability 10.0 / 10.3)."""
+    return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability()) in NVFP4_CAPABILITIES
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def select_backend(backend: str, recipe: FP4Recipe) -> str:
+    """``"transformer_engine"`` or ``"emulate"`` for the requested ``backend``.
+
+    ``"auto"`` picks TransformerEngine only for an all-NVFP4 recipe with TE installed on NVFP4 hardware;
+    ``"transformer_engine"`` raises ``RuntimeError`` when that is not the case.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "emulate":
+        return "emulate"
+    all_nvfp4 = all(recipe.operand(name).fmt == "nvfp4" for name in OPERANDS)
+    te_usable = all_nvfp4 and set(recipe.quantized_gemms) == set(GEMMS)
+    te_usable = te_usable and transformer_engine_available() and nvfp4_hardware_available()
+    if backend == "transformer_engine" and not te_usable:
+        raise RuntimeError(
+            "backend='transformer_engine' needs transformer_engine installed, a GPU of compute capability "
+            "10.0/10.3, and an all-NVFP4 recipe quantizing every GEMM; use backend='emulate' or 'auto'"
+        )
+    return "transformer_engine" if te_usable else "emulate"
+
+
+class FP4Precision(Precision):
+    """Train with emulated FP4 linear layers under any ``FP4Recipe``.
+
+    Args:
+        recipe: an ``FP4Recipe`` or a preset name (``"nvfp4"``, ``"mxfp4"``, ``"ue5m3"``); default NVFP4.
+        keep_high_precision: name patterns of linear layers to keep (default the LM head); output heads
+            and weights tied to embeddings are kept anyway.
+        high_precision_first_n, high_precision_last_n: keep the linears of the first / last N blocks
+            (the paper keeps ~15% of linears, mostly at the end, in BF16).
+        switch_to_high_precision_at_step: after this many optimizer steps, run ``switch_gemms`` in high
+            precision for the rest of training (the paper's late switch; ``None`` never switches).
+        switch_gemms: which GEMMs the switch moves to high precision (default all; ``("fprop",)`` is the
+            forward-only switch).
+        compute_dtype: dtype of the GEMMs on dequantized operands: float32, bfloat16 or float16.
+        seed: base seed of the per-layer stochastic-rounding generators.
+        backend: ``"emulate"`` (default here), ``"auto"`` or ``"transformer_engine"``.
+    """
+
+    def __init__(
+        self,
+        recipe: FP4Recipe | str | None = None,
+        *,
+        keep_high_precision: Sequence[str] = ("lm_head",),
+        high_precision_first_n: int = 0,
+        high_precision_last_n: int = 0,
+        switch_to_high_precision_at_step: int | None = None,
+        switch_gemms: Sequence[str] = GEMMS,
+        compute_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        backend: str = "emulate",
+    ) -> None:
+        if recipe is None:
+            recipe = FP4Recipe()
+        elif isinstance(recipe, str):
+            recipe = FP4Recipe.preset(recipe)
+        elif not isinstance(recipe, FP4Recipe):
+            raise TypeError(f"recipe must be an FP4Recipe, a preset name or None, got {type(recipe).__name__}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+        step = switch_to_high_precision_at_step
+        if step is not None and (not isinstance(step, int) or step < 0):
+            raise ValueError(f"switch_to_high_precision_at_step must be None or an int >= 0, got {step!r}")
+        unknown = [g for g in switch_gemms if g not in GEMMS]
+        if unknown or not switch_gemms:
+            raise ValueError(f"switch_gemms must be a non-empty subset of {GEMMS}, got {tuple(switch_gemms)}")
+        self.recipe = recipe
+        self.keep_high_precision = (
+            (keep_high_precision,) if isinstance(keep_high_precision, str) else tuple(keep_high_precision)
+        )
+        self.high_precision_first_n = high_precision_first_n
+        self.high_precision_last_n = high_precision_last_n
+        self.switch_to_high_precision_at_step = step
+        self.switch_gemms = tuple(switch_gemms)
+        self.compute_dtype = compute_dtype
+        self.seed = seed
+        self.backend = select_backend(backend, recipe)
+        self.optimizer_steps = 0
+        self.switched = False
+        self.report: ConversionReport | None = None
+        self._layers: dict[str, nn.Module] = {}
+        self._pending_generator_states: dict[str, torch.Tensor] = {}
+        self._te_recipe: Any = None
+
+    # -- conversion ---------------------------------------------------------------------------------
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Swap eligible ``nn.Linear`` layers in place (the return value is ``module`` itself)."""
+        if self.backend == "transformer_engine":
+            self._layers = self._convert_to_transformer_engine(module)
+        else:
+            self.report = convert_to_fp4(
+                module, self.recipe, keep_high_precision=self.keep_high_precision,
+                high_precision_first_n=self.high_precision_first_n,
+                high_precision_last_n=self.high_precision_last_n, compute_dtype=self.compute_dtype, seed=self.seed,
+            )  # fmt: skip
+            self._layers = dict(fp4_layers(module))
+            rank_zero_info(
+                f"{type(self).__name__}: {len(self.report.converted)} linear layers in {self.recipe.fmt}, "
+                f"{len(self.report.kept)} kept in high precision ({', '.join(self.report.kept) or 'none'})"
+            )
+        self._apply_pending_generator_states()
+        self._maybe_switch()
+        return module
+
+    def _convert_to_transformer_engine(self, module: nn.Module) -> dict[str, nn.Module]:
+        te = importlib.import_module("transformer_engine.pytorch")
+        te_recipe = importlib.import_module("transformer_engine.common.recipe")
+        self._te_recipe = te_recipe.NVFP4BlockScaling(
+            disable_rht=not self.recipe.rht,
+            disable_stochastic_rounding=not self.recipe.stochastic_rounding,
+            disable_2d_quantization=not self.recipe.two_d_weights,
+        )
+        self.report = plan_conversion(
+            module, self.recipe, keep_high_precision=self.keep_high_precision,
+            high_precision_first_n=self.high_precision_first_n, high_precision_last_n=self.high_precision_last_n,
+        )  # fmt: skip
+        layers = {}
+        for name in self.report.converted:
+            old = module.get_submodule(name)
+            new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                            params_dtype=old.weight.dtype, device=old.weight.device)  # fmt: skip
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+            replace_module(module, name, new)
+            layers[name] = new
+        return layers
+
+    def forward_context(self) -> AbstractContextManager:
+        if self.backend != "transformer_engine" or self.switched:
+            return nullcontext()
+        te = importlib.import_module("transformer_engine.pytorch")
+        if hasattr(te, "autocast"):
+            return te.autocast(enabled=True, recipe=self._te_recipe)
+        return te.fp8_autocast(enabled=True, fp8_recipe=self._te_recipe)
+
+    # -- late switch ----------------------------------------------------------------------------------
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, model, closure, **kwargs)
+        self.optimizer_steps += 1
+        self._maybe_switch()
+        return output
+
+    def _maybe_switch(self) -> None:
+        step = self.switch_to_high_precision_at_step
+        if self.switched or step is None or self.optimizer_steps < step or not self._layers:
+            return
+        remaining = tuple(g for g in self.recipe.quantized_gemms if g not in self.switch_gemms)
+        for layer in self._layers.values():
+            if hasattr(layer, "fp4_enabled"):
+                layer.recipe = layer.recipe.replace(quantized_gemms=remaining)
+                layer.fp4_enabled = bool(remaining)
+        self.switched = True
+        rank_zero_info(
+            f"{type(self).__name__}: switched {', '.join(self.switch_gemms)} to high precision after "
+            f"{self.optimizer_steps} optimizer steps"
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        generators = {}
+        for name, layer in self._layers.items():
+            state = layer.generator_state() if hasattr(layer, "generator_state") else None
+            if state is not None:
+                generators[name] = state
+        return {
+            "recipe": self.recipe.to_dict(),
+            "optimizer_steps": self.optimizer_steps,
+            "switched": self.switched,
+            "converted_layers": list(self._layers),
+            "generator_states": generators,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_recipe = FP4Recipe.from_dict(state_dict["recipe"])
+        if saved_recipe != self.recipe:
+            rank_zero_warn(f"resuming with recipe {self.recipe} but the checkpoint was trained with {saved_recipe}")
+        self.optimizer_steps = int(state_dict["optimizer_steps"])
+        self._pending_generator_states = dict(state_dict.get("generator_states", {}))
+        self._apply_pending_generator_states()
+        self._maybe_switch()
+
+    def _apply_pending_generator_states(self) -> None:
+        if not self._layers:
+            return
+        for name, state in self._pending_generator_states.items():
+            layer = self._layers.get(name)
+            if layer is not None and hasattr(layer, "set_generator_state"):
+                layer.set_generator_state(state)
+        self._pending_generator_states = {}
+
+
+class NVFP4Precision(FP4Precision):
+    """NVFP4 training (arXiv 2509.25149): ``Trainer(plugins=[NVFP4Precision()])``.
+
+    Same options as ``FP4Precision``; the recipe must use NVFP4 for every operand, and ``backend``
+    defaults to ``"auto"`` (TransformerEngine on compute capability 10.0 / 10.3 GPUs, emulation elsewhere).
+    """
+
+    def __init__(self, recipe: FP4Recipe | None = None, *, backend: str = "auto", **options: Any) -> None:
+        recipe = recipe if recipe is not None else FP4Recipe.nvfp4()
+        if isinstance(recipe, FP4Recipe):
+            formats = {recipe.operand(name).fmt for name in OPERANDS}
+            if formats != {"nvfp4"}:
+                raise ValueError(
+                    f"NVFP4Precision needs an all-NVFP4 recipe, got formats {sorted(formats)}; use FP4Precision"
+                )
+        super().__init__(recipe, backend=backend, **options)
