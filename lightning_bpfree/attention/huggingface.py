@@ -1,0 +1,223 @@
+"""Switch a transformers model's self-attention to SOFT in place, through transformers' attention interface.
+
+Two registrations under the name ``"soft"`` make it work:
+
+- ``AttentionInterface``: the function that layers call with their projected ``query/key/value``; it runs
+  the :class:`~lightning_bpfree.attention.soft.SOFTKernelAttention` attached to each layer.
+- ``AttentionMaskInterface``: without it transformers treats ``"soft"`` as a backend that needs no mask
+  and the padding mask never arrives. Ours hands the 2D padding mask on as a ``[B, 1, 1, N]`` bool tensor
+  instead of materialising the ``[B, 1, N, N]`` mask, so memory stays linear in ``N``.
+
+SOFT ties queries and keys (its kernel is ``exp(-||q_i - q_j||^2 / 2)``), so the layer's own query
+projection gives both and its key projection is left unused. SOFT has no causal or cross-attention form:
+landmarks summarise every token, so they would leak the future, and the kernel needs ``K = Q``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bpfree.attention.soft import SOFTKernelAttention
+
+IMPLEMENTATION_NAME = "soft"
+CORE_ATTRIBUTE = "soft_attention"
+
+
+def _registered_interfaces() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, soft_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, soft_padding_mask)
+
+
+def soft_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """transformers mask hook: the padding mask as bool ``[B, 1, 1, kv_length]`` (True = attend), or None.
+
+    Only plain bidirectional masks reduce to a key padding mask; any other mask function (causal, sliding
+    window, packed sequences) gets the full ``[B, 1, Nq, Nk]`` mask from ``sdpa_mask``, which the
+    attention function then checks and rejects if it is not a padding mask.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask, sdpa_mask
+
+    if mask_function is not bidirectional_mask_function:
+        return sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs,
+        )  # fmt: skip
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None:
+        return None
+    padding = padding[:, kv_offset : kv_offset + kv_length].bool()
+    return None if bool(padding.all()) else padding[:, None, None, :]
+
+
+def key_padding_from_attention_mask(attention_mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
+    """A transformers attention mask as a key padding mask (bool ``[B, N]``, True = padding).
+
+    Accepts bool masks (True = attend) and additive float masks (0 = attend, large negative = masked) of
+    shape ``[B, 1, Nq, N]`` or ``[B, 1, 1, N]``. A mask that varies between real query rows is not a
+    padding mask (causal, sliding window): ``ValueError``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] != tokens or attention_mask.shape[0] != batch:
+        raise ValueError(
+            f"SOFT expects an attention mask of shape [B, 1, Nq, N] or [B, 1, 1, N] with B={batch}, "
+            f"N={tokens}; got {tuple(attention_mask.shape)}"
+        )
+    attend = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1.0
+    attend = attend.all(dim=1)  # [B, Nq, N]
+    key_valid = attend.any(dim=1)  # [B, N]
+    rows_with_keys = attend.any(dim=-1, keepdim=True)
+    if not bool(torch.where(rows_with_keys, attend == key_valid[:, None, :], True).all()):
+        raise ValueError(
+            "SOFT can only apply key padding masks (the same keys for every query); this attention mask "
+            "differs between queries, e.g. a causal or sliding-window mask"
+        )
+    return ~key_valid
+
+
+def soft_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The ``AttentionInterface`` function: ``query/key/value [B, heads, N, d] -> ([B, N, heads, d], None)``.
+
+    ``key`` is ignored (SOFT ties keys to queries) except for checking that this is self-attention;
+    ``scaling`` is replaced by SOFT's ``d^-1/4`` on the queries; attention dropout does not apply (there
+    are no attention probabilities).
+    """
+    core = getattr(module, CORE_ATTRIBUTE, None)
+    if not isinstance(core, SOFTKernelAttention):
+        raise ValueError(
+            f"{type(module).__name__} has no SOFT core; call "
+            "lightning_bpfree.attention.use_soft_attention(model) rather than setting "
+            "attn_implementation='soft' by hand"
+        )
+    if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
+        raise ValueError(
+            "SOFT attention cannot be causal: its landmarks summarise all tokens, future ones too"
+        )
+    if key.shape[-2] != query.shape[-2] or kwargs.get("encoder_hidden_states") is not None:
+        raise ValueError(
+            "SOFT attention is self-attention only (keys are the queries); cross-attention is not supported"
+        )
+    if query.shape[1] != value.shape[1]:
+        raise ValueError(
+            "SOFT attention needs as many key/value heads as query heads (no grouped-query attention)"
+        )
+    batch, _, tokens, head_dim = query.shape
+    key_padding_mask = key_padding_from_attention_mask(attention_mask, batch, tokens)
+    out = core(query * head_dim**-0.25, value, key_padding_mask=key_padding_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that dispatch through ``ALL_ATTENTION_FUNCTIONS`` (they carry ``is_causal`` and ``config``)."""
+    layers = []
+    for name, module in model.named_modules():
+        if (
+            hasattr(module, "is_causal")
+            and hasattr(module, "config")
+            and not isinstance(module, nn.ModuleList)
+        ):
+            if hasattr(module, "get_input_embeddings"):
+                continue  # a whole model, not a layer
+            layers.append((name, module))
+    return layers
+
+
+def _head_dim(module: nn.Module) -> int:
+    for attribute in ("head_dim", "attention_head_size"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int):
+            return value
+    config = module.config
+    return config.hidden_size // config.num_attention_heads
+
+
+def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
+    """Switch a transformers model's self-attention layers to SOFT, in place; returns ``model``.
+
+    Each attention layer gets a :class:`~lightning_bpfree.attention.soft.SOFTKernelAttention` (attribute
+    ``soft_attention``, new trainable parameters on the layer's device and dtype) and the model's
+    ``attn_implementation`` becomes ``"soft"``. Padding masks reach SOFT through the registered mask
+    interface. ``model.set_attn_implementation("sdpa")`` switches back (the added cores stay, unused).
+
+    Works for encoders that use transformers' ``AttentionInterface`` (BERT, RoBERTa, ViT, ...).
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+        **options: :class:`~lightning_bpfree.attention.soft.SOFTKernelAttention` options:
+            ``num_landmarks`` (49), ``newton_iters`` (20), ``normalize`` (False), ``landmarks`` ("pool"),
+            ``conv_stride``, ``project_landmarks``, ``value_conv_kernel``.
+
+    Raises:
+        ValueError: a causal (decoder) or encoder-decoder model, cross-attention layers, grouped-query
+            attention, or a model without ``AttentionInterface`` layers.
+        TypeError: an unknown option.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    allowed = {
+        "num_landmarks", "newton_iters", "normalize", "landmarks", "conv_stride", "project_landmarks",
+        "value_conv_kernel",
+    }  # fmt: skip
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"unknown SOFT option(s) {unknown}; accepted: {sorted(allowed)}")
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError(
+            "the model has cross-attention layers; SOFT is self-attention only (keys are the queries)"
+        )
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is a decoder or encoder-decoder model: SOFT attention cannot be causal "
+            "(its landmarks summarise future tokens); use it on encoders such as BERT or ViT"
+        )
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no layers that use transformers' AttentionInterface, so SOFT "
+            "cannot be switched in (models with their own attention class, such as Nystromformer, "
+            "are not supported)"
+        )
+    for name, layer in layers:
+        if layer.is_causal:
+            raise ValueError(
+                f"layer {name!r} ({type(layer).__name__}) is causal: SOFT attention cannot be causal (its "
+                "landmarks summarise future tokens); use it on encoders such as BERT or ViT"
+            )
+        if "Cross" in type(layer).__name__ or getattr(layer, "is_cross_attention", False):
+            raise ValueError(
+                f"layer {name!r} is cross-attention; SOFT is self-attention only (keys are the queries)"
+            )
+    reference = next(model.parameters())
+    for _, layer in layers:
+        core = SOFTKernelAttention(_head_dim(layer), **options)
+        layer.add_module(CORE_ATTRIBUTE, core.to(device=reference.device, dtype=reference.dtype))
+    _registered_interfaces()
+    model.set_attn_implementation(IMPLEMENTATION_NAME)
+    if model.config._attn_implementation != IMPLEMENTATION_NAME:
+        raise RuntimeError(f"transformers did not accept attn_implementation={IMPLEMENTATION_NAME!r}")
+    return model
