@@ -101,6 +101,10 @@ class FP4Precision(Precision):
             raise TypeError(f"recipe must be an FP4Recipe, a preset name or None, got {type(recipe).__name__}")
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+        for argument, value in (("high_precision_first_n", high_precision_first_n),
+                                ("high_precision_last_n", high_precision_last_n)):  # fmt: skip
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
         step = switch_to_high_precision_at_step
         if step is not None and (not isinstance(step, int) or step < 0):
             raise ValueError(f"switch_to_high_precision_at_step must be None or an int >= 0, got {step!r}")
