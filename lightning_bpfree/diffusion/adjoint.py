@@ -1,0 +1,348 @@
+"""AdjointDPM: gradients through diffusion sampling by solving the adjoint probability-flow ODE.
+
+The variance-preserving probability-flow ODE becomes non-stiff after the exponential-integrator change of
+variables ``rho = sigma_t / alpha_t`` and ``y = x / alpha_t`` (with ``alpha_t = sqrt(alphas_cumprod[t])``,
+``sigma_t = sqrt(1 - alphas_cumprod[t])``)::
+
+    dy/drho = eps_theta(alpha(rho) * y, t(rho), c),        alpha(rho) = 1 / sqrt(1 + rho^2)
+
+Sampling integrates it from ``rho_T`` (noise) down to ``rho_0`` (data). Euler steps on the scheduler's own
+timesteps are exactly DDIM with ``eta=0``. Backpropagating through the solver stores one UNet graph per
+function evaluation; the adjoint method (torchdiffeq's ``odeint_adjoint``) instead integrates the
+augmented system ``(y, a_y, a_theta, a_c)`` backwards from the data end, with
+``da_y/drho = -a_y^T d eps/dy`` and ``da_theta/drho = -a_y^T d eps/dtheta`` (the same for ``c``), so memory
+holds one UNet graph at a time whatever the number of steps. Its gradient differs from direct backprop
+by the discretisation error, O(1/N) for Euler (optimise-then-discretise).
+
+Everything here is plain PyTorch + diffusers + torchdiffeq; the Lightning layer is ``customization.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchdiffeq import odeint, odeint_adjoint
+
+METHODS = ("euler", "midpoint", "rk4", "explicit_adams")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def rho_of_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``rho_t = sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t)``, float64, same shape as the input."""
+    abar = alphas_cumprod.detach().to(torch.float64)
+    return ((1.0 - abar) / abar).sqrt()
+
+
+def _unet_output(output: Any) -> torch.Tensor:
+    """The prediction tensor of a diffusers UNet output (``.sample``), a tuple, or a plain tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"the unet returned {type(output).__name__}; expected a tensor or an object with .sample")
+
+
+class RhoTimeMap:
+    """Maps ``rho`` to the (fractional) training timestep the UNet is conditioned on.
+
+    The scheduler's ``rho_t`` is increasing in ``t``; between training timesteps ``t`` is interpolated
+    linearly in ``log rho`` (as diffusers does for Karras sigmas), and clamped to ``[0, T-1]``. Values on
+    the sampling grid are looked up exactly so that Euler steps see the scheduler's integer timesteps.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        rho = rho_of_alphas_cumprod(alphas_cumprod)
+        if rho.ndim != 1 or rho.numel() < 2 or not bool((rho[1:] > rho[:-1]).all()):
+            raise ValueError(
+                "scheduler.alphas_cumprod must be a 1-D, strictly decreasing schedule of at least 2 values "
+                "(noise level growing with t)"
+            )
+        self.log_rho = rho.log()
+        self.exact: dict[float, float] = {}
+
+    def register(self, rho: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Remember that grid value ``rho[i]`` (in the grid's dtype) is timestep ``timesteps[i]``."""
+        for r, t in zip(rho.tolist(), timesteps.tolist()):
+            self.exact[r] = float(t)
+
+    def __call__(self, rho: torch.Tensor) -> float:
+        key = float(rho.detach())
+        if key in self.exact:
+            return self.exact[key]
+        if key <= 0.0:
+            return 0.0
+        log_rho = math.log(key)
+        table = self.log_rho
+        if log_rho <= table[0]:
+            return 0.0
+        if log_rho >= table[-1]:
+            return float(table.numel() - 1)
+        upper = int(torch.searchsorted(table, torch.tensor([log_rho], dtype=table.dtype)).item())
+        lower = upper - 1
+        weight = (log_rho - float(table[lower])) / float(table[upper] - table[lower])
+        return lower + weight
+
+
+class ProbabilityFlowODE(nn.Module):
+    """``f(rho, y) = eps_theta(alpha(rho) y, t(rho), c)``: the right-hand side torchdiffeq integrates.
+
+    Args:
+        unet: ``UNet2DModel``, ``UNet2DConditionModel`` or any module called as ``unet(x, t)`` /
+            ``unet(x, t, encoder_hidden_states=c)`` returning a tensor or an object with ``.sample``.
+        time_map: the ``rho -> t`` map of the scheduler.
+        prediction_type: what the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        guidance_scale: classifier-free guidance weight ``w``; ``eps = eps_u + w (eps_c - eps_u)``.
+        checkpoint_steps: recompute each UNet call in backward instead of storing its activations
+            (only meaningful for direct backprop).
+        conditioning / negative_conditioning: ``encoder_hidden_states`` ``[B, L, D]`` for the conditional
+            and (with guidance) unconditional branch. One ODE object per sampling call, so the adjoint
+            pass, which runs later, sees the same conditioning as the forward pass.
+        counter: a dict whose ``"evaluations"`` entry counts UNet calls (forward and backward).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        time_map: RhoTimeMap,
+        prediction_type: str = "epsilon",
+        guidance_scale: float = 1.0,
+        checkpoint_steps: bool = False,
+        conditioning: torch.Tensor | None = None,
+        negative_conditioning: torch.Tensor | None = None,
+        counter: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.time_map = time_map
+        self.prediction_type = prediction_type
+        self.guidance_scale = guidance_scale
+        self.checkpoint_steps = checkpoint_steps
+        self.conditioning = conditioning
+        self.negative_conditioning = negative_conditioning
+        self.counter = counter if counter is not None else {"evaluations": 0}
+
+    def epsilon(
+        self, x: torch.Tensor, timestep: float, alpha: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """Noise prediction at ``x`` (``[B, C, H, W]``), with guidance and prediction-type conversion."""
+        guided = self.guidance_scale != 1.0
+        cond = self.conditioning
+        if guided:
+            x_in = torch.cat([x, x])
+            cond = torch.cat([self.negative_conditioning, self.conditioning])
+        else:
+            x_in = x
+        t = torch.full((x_in.shape[0],), timestep, dtype=x.dtype, device=x.device)
+        if cond is None:
+            out = _unet_output(self.unet(x_in, t))
+        else:
+            out = _unet_output(self.unet(x_in, t, encoder_hidden_states=cond))
+        if self.prediction_type == "v_prediction":
+            out = alpha * out + sigma * x_in
+        elif self.prediction_type == "sample":
+            out = (x_in - alpha * out) / sigma
+        if guided:
+            uncond, cond_out = out.chunk(2)
+            out = uncond + self.guidance_scale * (cond_out - uncond)
+        return out
+
+    def forward(self, rho: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.counter["evaluations"] += 1
+        alpha = (1.0 + rho * rho).rsqrt()
+        sigma = rho * alpha
+        timestep = self.time_map(rho)
+        x = alpha * y
+        if self.checkpoint_steps and torch.is_grad_enabled():
+            return checkpoint(self.epsilon, x, timestep, alpha, sigma, use_reentrant=False)
+        return self.epsilon(x, timestep, alpha, sigma)
+
+
+class AdjointSampler(nn.Module):
+    """Deterministic diffusion sampler whose backward pass solves the adjoint ODE (AdjointDPM).
+
+    ``sampler(x_T, encoder_hidden_states=None) -> x_0`` integrates the probability-flow ODE in
+    ``rho = sigma/alpha`` over the ``num_steps`` timesteps that ``scheduler.set_timesteps(num_steps)``
+    gives (on a private copy; the scheduler passed in is not modified), then to the scheduler's final
+    noise level (``final_alpha_cumprod`` when it has one, else noise-free). With ``method="euler"`` the
+    result equals diffusers' DDIM sampling with ``eta=0`` (without ``clip_sample`` / thresholding, which
+    are not part of the ODE).
+
+    Backward: with ``adjoint=True`` gradients of any loss on ``x_0`` reach ``x_T``, the conditioning and
+    the UNet parameters that require grad, through ``torchdiffeq.odeint_adjoint`` with explicit
+    ``adjoint_params``; memory does not grow with ``num_steps``. With ``adjoint=False`` autograd
+    backpropagates through every solver step (the exact gradient of the discrete sampler; memory grows
+    linearly with ``num_steps``), optionally recomputing each UNet call (``checkpoint_steps=True``).
+
+    Args:
+        unet: the noise-prediction network (``UNet2DModel``, ``UNet2DConditionModel``, or any module
+            with the same call signature). Keep it in eval mode: dropout would make forward and
+            adjoint passes see different networks.
+        scheduler: any diffusers scheduler with ``alphas_cumprod`` and ``set_timesteps`` (DDPM, DDIM,
+            DPM-Solver, ...). Its ``config.prediction_type`` (epsilon / v_prediction / sample) is honoured.
+        num_steps: number of solver steps (>= 1); also the number of scheduler timesteps used.
+        method: torchdiffeq fixed-grid solver: ``"euler"``, ``"midpoint"``, ``"rk4"``, ``"explicit_adams"``.
+        adjoint: solve the adjoint ODE in backward (True) or backpropagate through the solver (False).
+        guidance_scale: classifier-free guidance weight; when not 1 the call needs
+            ``negative_encoder_hidden_states`` (the unconditional embedding).
+        checkpoint_steps: with ``adjoint=False``, recompute each UNet call in backward.
+
+    Shapes: ``x_T`` is ``[B, C, H, W]`` (standard normal noise, ``init_noise_sigma = 1``); the
+    conditioning ``[B, L, D]``; ``x_0`` has the shape of ``x_T``.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: Any,
+        num_steps: int = 50,
+        method: str = "euler",
+        adjoint: bool = True,
+        guidance_scale: float = 1.0,
+        checkpoint_steps: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(unet, nn.Module):
+            raise TypeError(f"unet must be a torch.nn.Module, got {type(unet).__name__}")
+        alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+        if not isinstance(alphas_cumprod, torch.Tensor):
+            raise ValueError(
+                f"scheduler must have an `alphas_cumprod` tensor (DDPM/DDIM/DPM-Solver schedulers do); "
+                f"{type(scheduler).__name__} has none"
+            )
+        if not hasattr(scheduler, "set_timesteps"):
+            raise ValueError(f"scheduler must have `set_timesteps`; {type(scheduler).__name__} has none")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        self.num_steps = num_steps
+        self.method = method
+        self.adjoint = adjoint
+        self.guidance_scale = float(guidance_scale)
+        self.checkpoint_steps = checkpoint_steps
+        self.prediction_type = prediction_type
+        self.scheduler_name = type(scheduler).__name__
+        self.unet = unet
+        self.time_map = RhoTimeMap(alphas_cumprod)
+        self.timesteps, rho_grid = self._timestep_grid(scheduler, num_steps)
+        if prediction_type == "sample" and method == "rk4" and float(rho_grid[-1]) == 0.0:
+            raise ValueError(
+                "method='rk4' evaluates the UNet at the noise-free end, where a prediction_type='sample' "
+                "model defines no noise; use euler, midpoint or explicit_adams"
+            )
+        self.register_buffer("rho_grid", rho_grid, persistent=False)
+        self.counter = {"evaluations": 0}
+
+    @staticmethod
+    def _timestep_grid(scheduler: Any, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's ``num_steps`` timesteps and the float64 rho grid (one more point: the end)."""
+        private = copy.deepcopy(scheduler)
+        private.set_timesteps(num_steps)
+        timesteps = torch.as_tensor(private.timesteps).to(torch.int64).cpu()
+        if timesteps.numel() != num_steps:
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps({num_steps}) gave {timesteps.numel()} timesteps; "
+                "AdjointSampler needs one per step"
+            )
+        if not bool((timesteps[1:] < timesteps[:-1]).all()):
+            raise ValueError(
+                f"{type(scheduler).__name__} timesteps must be strictly decreasing, got {timesteps}"
+            )
+        rho = rho_of_alphas_cumprod(scheduler.alphas_cumprod)[timesteps]
+        final = getattr(scheduler, "final_alpha_cumprod", None)
+        rho_end = 0.0 if final is None else float(rho_of_alphas_cumprod(torch.as_tensor(final)))
+        if rho_end == float(rho[-1]) and num_steps > 1:
+            # DDIM with set_alpha_to_one=False: the last step goes from t=0 to t=0, the identity map
+            return timesteps, rho
+        if rho_end >= float(rho[-1]):
+            raise ValueError(
+                f"the final noise level rho={rho_end} is not below the last timestep's {float(rho[-1])}"
+            )
+        return timesteps, torch.cat([rho, rho.new_tensor([rho_end])])
+
+    def _grid(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        grid = self.rho_grid.to(device=device, dtype=dtype)
+        self.time_map.register(grid[:-1], self.timesteps[: grid.numel() - 1])
+        return grid
+
+    def forward(
+        self,
+        x_T: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample ``x_0`` (``[B, C, H, W]``) from ``x_T`` (``[B, C, H, W]``)."""
+        if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
+            raise TypeError("x_T must be a floating-point tensor [B, C, H, W]")
+        guided = self.guidance_scale != 1.0
+        if guided and (encoder_hidden_states is None or negative_encoder_hidden_states is None):
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} needs both encoder_hidden_states and "
+                "negative_encoder_hidden_states (the unconditional embedding)"
+            )
+        if not guided and negative_encoder_hidden_states is not None:
+            raise ValueError("negative_encoder_hidden_states is only used with guidance_scale != 1")
+        grid = self._grid(x_T.dtype, x_T.device)
+        ode = ProbabilityFlowODE(
+            self.unet,
+            self.time_map,
+            self.prediction_type,
+            self.guidance_scale,
+            self.checkpoint_steps,
+            encoder_hidden_states,
+            negative_encoder_hidden_states,
+            self.counter,
+        )
+        y_T = x_T * (1.0 + grid[0] ** 2).sqrt()
+        span = grid[[0, -1]]
+        options = {"grid_constructor": _GridConstructor(grid)}
+        if self.adjoint:
+            conditioning = tuple(
+                c for c in (encoder_hidden_states, negative_encoder_hidden_states) if c is not None
+            )
+            params = conditioning + tuple(p for p in self.unet.parameters() if p.requires_grad)
+            y = odeint_adjoint(ode, y_T, span, method=self.method, options=options, adjoint_params=params)[-1]
+        else:
+            y = odeint(ode, y_T, span, method=self.method, options=options)[-1]
+        return y * (1.0 + grid[-1] ** 2).rsqrt()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_steps={self.num_steps}, method={self.method!r}, adjoint={self.adjoint}, "
+            f"guidance_scale={self.guidance_scale}, scheduler={self.scheduler_name}"
+        )
+
+
+class _GridConstructor:
+    """torchdiffeq ``grid_constructor``: the rho grid between the two requested end points.
+
+    Only the two end points are handed to ``odeint`` (so nothing of size ``num_steps`` is stored for
+    backward); the solver walks this grid in whichever direction it asks for. torchdiffeq integrates
+    in increasing time only, so decreasing spans reach us negated (``t = -rho``), once per reversal.
+    """
+
+    def __init__(self, grid: torch.Tensor) -> None:
+        self.grid = grid
+
+    def __call__(self, func: Any, y0: Any, t: torch.Tensor) -> torch.Tensor:
+        sign = -1.0 if bool(t[0] + t[-1] < 0) else 1.0
+        grid = self.grid.to(dtype=t.dtype, device=t.device)
+        if bool(sign * t[0] < sign * t[-1]):
+            grid = grid.flip(0)
+        grid = sign * grid
+        grid[0], grid[-1] = t[0], t[-1]
+        return grid
