@@ -114,17 +114,13 @@ def soft_attention_forward(
             "attn_implementation='soft' by hand"
         )
     if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
-        raise ValueError(
-            "SOFT attention cannot be causal: its landmarks summarise all tokens, future ones too"
-        )
+        raise ValueError("SOFT attention cannot be causal: its landmarks summarise all tokens, future ones too")
     if key.shape[-2] != query.shape[-2] or kwargs.get("encoder_hidden_states") is not None:
         raise ValueError(
             "SOFT attention is self-attention only (keys are the queries); cross-attention is not supported"
         )
     if query.shape[1] != value.shape[1]:
-        raise ValueError(
-            "SOFT attention needs as many key/value heads as query heads (no grouped-query attention)"
-        )
+        raise ValueError("SOFT attention needs as many key/value heads as query heads (no grouped-query attention)")
     batch, _, tokens, head_dim = query.shape
     key_padding_mask = key_padding_from_attention_mask(attention_mask, batch, tokens)
     out = core(query * head_dim**-0.25, value, key_padding_mask=key_padding_mask)
@@ -135,11 +131,7 @@ def _attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that dispatch through ``ALL_ATTENTION_FUNCTIONS`` (they carry ``is_causal`` and ``config``)."""
     layers = []
     for name, module in model.named_modules():
-        if (
-            hasattr(module, "is_causal")
-            and hasattr(module, "config")
-            and not isinstance(module, nn.ModuleList)
-        ):
+        if hasattr(module, "is_causal") and hasattr(module, "config") and not isinstance(module, nn.ModuleList):
             if hasattr(module, "get_input_embeddings"):
                 continue  # a whole model, not a layer
             layers.append((name, module))
@@ -187,9 +179,7 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
     if unknown:
         raise TypeError(f"unknown SOFT option(s) {unknown}; accepted: {sorted(allowed)}")
     if getattr(config, "add_cross_attention", False):
-        raise ValueError(
-            "the model has cross-attention layers; SOFT is self-attention only (keys are the queries)"
-        )
+        raise ValueError("the model has cross-attention layers; SOFT is self-attention only (keys are the queries)")
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
         raise ValueError(
             f"{type(model).__name__} is a decoder or encoder-decoder model: SOFT attention cannot be causal "
@@ -209,9 +199,7 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
                 "landmarks summarise future tokens); use it on encoders such as BERT or ViT"
             )
         if "Cross" in type(layer).__name__ or getattr(layer, "is_cross_attention", False):
-            raise ValueError(
-                f"layer {name!r} is cross-attention; SOFT is self-attention only (keys are the queries)"
-            )
+            raise ValueError(f"layer {name!r} is cross-attention; SOFT is self-attention only (keys are the queries)")
     reference = next(model.parameters())
     for _, layer in layers:
         core = SOFTKernelAttention(_head_dim(layer), **options)

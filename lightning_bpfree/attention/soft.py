@@ -42,9 +42,7 @@ def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
     """
     # ||x||^2 + ||y||^2 - 2 x.y is one matmul instead of an [N, M, d] difference tensor; rounding can make
     # it slightly negative for near-identical points, hence the clamp.
-    sq_dist = (
-        x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
-    )
+    sq_dist = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
     return torch.exp(-0.5 * sq_dist.clamp_min(0.0))
 
 
@@ -131,8 +129,7 @@ def _check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens:
         raise TypeError("key_padding_mask must be a bool tensor [B, N] with True marking padding")
     if tuple(key_padding_mask.shape) != (batch, tokens):
         raise ValueError(
-            f"key_padding_mask must have shape [B, N] = {(batch, tokens)}, "
-            f"got {tuple(key_padding_mask.shape)}"
+            f"key_padding_mask must have shape [B, N] = {(batch, tokens)}, got {tuple(key_padding_mask.shape)}"
         )
     return key_padding_mask
 
@@ -202,9 +199,7 @@ def grid_pooling_matrix(valid: Tensor, hw: tuple[int, int], num_landmarks: int) 
         end = torch.div((cell + 1) * size + cells - 1, cells, rounding_mode="floor")
         return ((index >= start) & (index < end)).float()  # [cells, size]
 
-    cell_of_token = torch.einsum("ah,bw->abhw", membership(H, rows), membership(W, cols)).reshape(
-        rows * cols, H * W
-    )
+    cell_of_token = torch.einsum("ah,bw->abhw", membership(H, rows), membership(W, cols)).reshape(rows * cols, H * W)
     weights = cell_of_token.unsqueeze(0) * valid.unsqueeze(1).float()
     counts = weights.sum(-1, keepdim=True)
     return weights / counts.clamp_min(1.0), counts.squeeze(-1) > 0
@@ -259,9 +254,7 @@ class SOFTKernelAttention(nn.Module):
         if not isinstance(conv_stride, int) or conv_stride < 1:
             raise ValueError(f"conv_stride must be a positive int, got {conv_stride!r}")
         if value_conv_kernel is not None and (value_conv_kernel < 1 or value_conv_kernel % 2 == 0):
-            raise ValueError(
-                f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}"
-            )
+            raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
         self.head_dim = head_dim
         self.num_landmarks = num_landmarks
         self.newton_iters = newton_iters
@@ -303,21 +296,13 @@ class SOFTKernelAttention(nn.Module):
             ``[B, heads, N, d_v]``; rows at padded positions are zero.
         """
         if q.dim() != 4 or v.dim() != 4 or q.shape[:3] != v.shape[:3]:
-            raise ValueError(
-                f"q and v must be [B, heads, N, d] with equal B, heads, N; got {q.shape}, {v.shape}"
-            )
+            raise ValueError(f"q and v must be [B, heads, N, d] with equal B, heads, N; got {q.shape}, {v.shape}")
         if q.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"q has head size {q.shape[-1]}, this module was built for head_dim={self.head_dim}"
-            )
+            raise ValueError(f"q has head size {q.shape[-1]}, this module was built for head_dim={self.head_dim}")
         B, heads, N, _ = q.shape
         key_padding_mask = _check_key_padding_mask(key_padding_mask, B, N)
         hw = _check_hw(hw, N)
-        valid = (
-            torch.ones(B, N, dtype=torch.bool, device=q.device)
-            if key_padding_mask is None
-            else ~key_padding_mask
-        )
+        valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
         token_weight = valid[:, None, :, None].to(q.dtype)  # [B, 1, N, 1]
 
         landmarks, landmark_valid = self._landmarks(q, valid, hw)  # [B, heads, m, d], [B, m]
@@ -325,9 +310,7 @@ class SOFTKernelAttention(nn.Module):
         # Zeroing padded rows and unused landmark columns removes them from every sum below; the landmark
         # kernel becomes block-diagonal [A_real, 0], whose pseudo-inverse is [pinv(A_real), 0].
         kernel_ql = gaussian_kernel(q, landmarks) * token_weight * landmark_weight  # [B, h, N, m]
-        kernel_ll = (
-            gaussian_kernel(landmarks, landmarks) * landmark_weight * landmark_weight.transpose(-1, -2)
-        )
+        kernel_ll = gaussian_kernel(landmarks, landmarks) * landmark_weight * landmark_weight.transpose(-1, -2)
         inverse = newton_pinv(kernel_ll, self.newton_iters)
         if self.normalize:
             inv_sqrt_degree = kernel_ll.sum(-1).clamp_min(1e-12).rsqrt() * landmark_weight[:, :, 0, :]
@@ -358,9 +341,7 @@ class SOFTKernelAttention(nn.Module):
         grid = (1, N) if hw is None else hw
         kernel = (1, s) if hw is None else (s, s)
         if grid[0] < kernel[0] or grid[1] < kernel[1]:
-            raise ValueError(
-                f"landmarks='conv' with conv_stride={s} needs at least {kernel} tokens, got {grid}"
-            )
+            raise ValueError(f"landmarks='conv' with conv_stride={s} needs at least {kernel} tokens, got {grid}")
         q_grid = (q * valid[:, None, :, None].to(q.dtype)).transpose(-1, -2).reshape(B * heads, d, *grid)
         weight = self.landmark_conv.weight if hw is not None else self.landmark_conv.weight[..., :1, :]
         # In 1D a single kernel row is used, so one module serves both layouts.
@@ -412,9 +393,7 @@ class SOFTAttention(nn.Module):
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if not isinstance(dim, int) or dim < 1 or dim % num_heads != 0:
-            raise ValueError(
-                f"dim must be a positive int divisible by num_heads={num_heads}, got dim={dim!r}"
-            )
+            raise ValueError(f"dim must be a positive int divisible by num_heads={num_heads}, got dim={dim!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -429,9 +408,7 @@ class SOFTAttention(nn.Module):
             **core_options,
         )
 
-    def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, hw: tuple[int, int] | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, hw: tuple[int, int] | None = None) -> Tensor:
         """Self-attention over the tokens of ``x``.
 
         Args:
