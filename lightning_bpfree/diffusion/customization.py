@@ -1,0 +1,263 @@
+"""AdjointDPMCustomization: a LightningModule that optimizes a diffusion model's output through its sampler.
+
+The gradient of ``objective(x_0)`` reaches the chosen ``target`` through :class:`AdjointSampler`, so memory
+stays that of one UNet call whatever the number of sampling steps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bpfree.diffusion.adjoint import AdjointSampler
+
+TARGETS = ("weights", "conditioning", "noise")
+
+
+def _parameter_selector(parameter_filter: str | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    if parameter_filter is None:
+        return lambda name: True
+    if isinstance(parameter_filter, str):
+        pattern = re.compile(parameter_filter)
+        return lambda name: pattern.search(name) is not None
+    if callable(parameter_filter):
+        return parameter_filter
+    raise TypeError(
+        "parameter_filter must be None (all weights), a regular expression searched in parameter names "
+        f"(e.g. 'attn' or 'lora_'), or a callable name -> bool; got {type(parameter_filter).__name__}"
+    )
+
+
+class AdjointDPMCustomization(pl.LightningModule):
+    """Optimize UNet weights, the conditioning, or the initial noise of a diffusion model against an objective.
+
+    Each training step samples ``x_0 = sampler(x_T, c)`` with :class:`AdjointSampler` and minimises
+    ``objective(x_0)`` (a scalar, or one value per sample that is averaged; return the negative of a
+    score you want to raise). Gradients come from the adjoint ODE, so ``num_steps`` costs time, not memory.
+
+    Targets:
+        - ``"weights"``: the UNet parameters whose names match ``parameter_filter`` (all by default; a
+          regex such as ``"attn"`` or ``"lora_"``, or a callable ``name -> bool``). Fresh noise every step
+          (``batch_size`` samples, seeded by ``seed`` and the step). Non-matching parameters are frozen.
+        - ``"conditioning"``: the ``conditioning`` embedding ``[B or 1, L, D]`` (embedding inversion), or
+          only the token positions in ``trainable_tokens`` (a new token's embedding). The UNet is frozen.
+        - ``"noise"``: ``x_T`` itself (``noise`` ``[B, C, H, W]``, or ``batch_size`` standard-normal samples),
+          e.g. to audit which inputs drive a model to a given output. The UNet is frozen.
+
+    Freezing sets ``requires_grad=False`` on the UNet parameters that are not optimized. The UNet is kept in
+    eval mode throughout: dropout would make the adjoint pass see a different network than the forward pass.
+
+    Args:
+        unet: ``UNet2DModel`` / ``UNet2DConditionModel`` (or a module with their call signature).
+        scheduler: a diffusers scheduler with ``alphas_cumprod`` (see :class:`AdjointSampler`).
+        objective: differentiable ``x_0 [B, C, H, W] -> loss``; a ``nn.Module`` is registered as a submodule
+            (so it moves with the LightningModule) but never optimized.
+        target: ``"weights"``, ``"conditioning"`` or ``"noise"``.
+        num_steps, method, adjoint, guidance_scale: passed to :class:`AdjointSampler`.
+        lr: Adam learning rate.
+        batch_size: samples per step for ``"weights"`` and default ``"noise"``.
+        sample_shape: ``(C, H, W)``; default from ``unet.config`` (``in_channels``, ``sample_size``).
+        noise: initial ``x_T`` for ``target="noise"``.
+        conditioning: ``encoder_hidden_states`` ``[B or 1, L, D]``; required for ``"conditioning"``.
+        negative_conditioning: unconditional embedding for classifier-free guidance.
+        parameter_filter: which weights to train for ``target="weights"``.
+        trainable_tokens: token positions of ``conditioning`` to train for ``target="conditioning"``.
+        steps_per_epoch: length of the built-in step loader (``trainer.fit(module)`` needs no data).
+        seed: seeds the noise of ``target="weights"`` and the default ``noise``.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: Any,
+        objective: Callable[[torch.Tensor], torch.Tensor],
+        target: str = "weights",
+        *,
+        num_steps: int = 20,
+        method: str = "euler",
+        adjoint: bool = True,
+        guidance_scale: float = 1.0,
+        lr: float = 1e-3,
+        batch_size: int = 4,
+        sample_shape: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        conditioning: torch.Tensor | None = None,
+        negative_conditioning: torch.Tensor | None = None,
+        parameter_filter: str | Callable[[str], bool] | None = None,
+        trainable_tokens: Sequence[int] | None = None,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if not callable(objective):
+            raise TypeError(f"objective must be callable x_0 -> loss, got {type(objective).__name__}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        if target == "conditioning" and conditioning is None:
+            raise ValueError("target='conditioning' needs the initial `conditioning` embedding [B or 1, L, D]")
+        if trainable_tokens is not None and target != "conditioning":
+            raise ValueError("trainable_tokens only applies to target='conditioning'")
+        if parameter_filter is not None and target != "weights":
+            raise ValueError("parameter_filter only applies to target='weights'")
+        if noise is not None and target != "noise":
+            raise ValueError("noise only applies to target='noise'; target='weights' draws fresh noise each step")
+        self.save_hyperparameters(
+            ignore=["unet", "scheduler", "objective", "noise", "conditioning", "negative_conditioning"]
+        )
+        self.sampler = AdjointSampler(unet, scheduler, num_steps, method, adjoint, guidance_scale)
+        if isinstance(objective, nn.Module):
+            self.objective = objective
+        else:
+            self._objective_fn = objective
+        self.target = target
+        self.lr = float(lr)
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.sample_shape = self._sample_shape(unet, sample_shape, noise)
+
+        select = _parameter_selector(parameter_filter)
+        trainable = 0
+        for name, param in unet.named_parameters():
+            train_it = target == "weights" and select(name)
+            param.requires_grad_(train_it)
+            trainable += int(train_it)
+        if target == "weights" and trainable == 0:
+            raise ValueError(f"parameter_filter={parameter_filter!r} matches no parameter of the unet")
+
+        self.register_buffer("negative_conditioning", negative_conditioning, persistent=False)
+        self.register_buffer("token_index", None, persistent=False)
+        if target == "conditioning":
+            self._init_conditioning(conditioning, trainable_tokens)
+        else:
+            self.register_buffer("conditioning", conditioning, persistent=False)
+        if target == "noise":
+            if noise is None:
+                generator = torch.Generator().manual_seed(seed)
+                noise = torch.randn(batch_size, *self.sample_shape, generator=generator)
+            self.noise = nn.Parameter(noise.detach().clone())
+
+    @staticmethod
+    def _sample_shape(
+        unet: nn.Module, sample_shape: Sequence[int] | None, noise: torch.Tensor | None
+    ) -> tuple[int, ...]:
+        if noise is not None:
+            if noise.ndim != 4:
+                raise ValueError(f"noise must be [B, C, H, W], got shape {tuple(noise.shape)}")
+            return tuple(noise.shape[1:])
+        if sample_shape is not None:
+            return tuple(int(s) for s in sample_shape)
+        config = getattr(unet, "config", None)
+        size = getattr(config, "sample_size", None)
+        channels = getattr(config, "in_channels", None)
+        if size is None or channels is None:
+            raise ValueError("sample_shape=(C, H, W) is required when the unet has no config.sample_size")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(channels), int(height), int(width))
+
+    def _init_conditioning(self, conditioning: torch.Tensor, trainable_tokens: Sequence[int] | None) -> None:
+        if conditioning.ndim != 3:
+            raise ValueError(f"conditioning must be [B, L, D], got shape {tuple(conditioning.shape)}")
+        if trainable_tokens is None:
+            self.register_buffer("conditioning", None, persistent=False)
+            self.token_embeddings = nn.Parameter(conditioning.detach().clone())
+            return
+        index = torch.as_tensor(list(trainable_tokens), dtype=torch.long)
+        length = conditioning.shape[1]
+        if index.numel() == 0 or bool((index < 0).any() | (index >= length).any()):
+            raise ValueError(f"trainable_tokens must be non-empty positions in [0, {length}), got {trainable_tokens}")
+        self.register_buffer("conditioning", conditioning.detach().clone(), persistent=True)
+        self.token_index = index
+        self.token_embeddings = nn.Parameter(conditioning[:, index].detach().clone())
+
+    # ------------------------------------------------------------------ sampling pieces
+    def current_conditioning(self) -> torch.Tensor | None:
+        """The conditioning the sampler sees: ``[B or 1, L, D]`` with trainable rows put in place."""
+        if self.target != "conditioning":
+            return self.conditioning
+        if self.token_index is None:
+            return self.token_embeddings
+        return self.conditioning.index_copy(1, self.token_index, self.token_embeddings)
+
+    def draw_noise(self, batch_size: int | None = None, step: int | None = None) -> torch.Tensor:
+        """Standard-normal ``x_T`` ``[batch_size, C, H, W]``, seeded by ``seed`` and ``step``."""
+        step = self.global_step if step is None else step
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        noise = torch.randn(batch_size or self.batch_size, *self.sample_shape, generator=generator)
+        return noise.to(self.device)
+
+    def _expand(self, tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if tensor is None or tensor.shape[0] == batch:
+            return tensor
+        if tensor.shape[0] != 1:
+            raise ValueError(f"conditioning batch {tensor.shape[0]} does not match the {batch} samples")
+        return tensor.expand(batch, *tensor.shape[1:])
+
+    def forward(self, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples ``x_0`` ``[B, C, H, W]`` from ``x_T`` (default: the optimized noise, or fresh noise)."""
+        if x_T is None:
+            x_T = self.noise if self.target == "noise" else self.draw_noise()
+        batch = x_T.shape[0]
+        conditioning = self._expand(self.current_conditioning(), batch)
+        negative = self._expand(self.negative_conditioning, batch)
+        return self.sampler(x_T, conditioning, negative)
+
+    @torch.no_grad()
+    def generate(self, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` without gradients (e.g. for before/after sample grids)."""
+        return self(x_T)
+
+    def evaluate_objective(self, x_T: torch.Tensor | None = None) -> float:
+        """The objective of samples from ``x_T`` (default as in ``forward``), without gradients."""
+        return float(self._reduce(self._call_objective(self.generate(x_T))))
+
+    def _call_objective(self, x_0: torch.Tensor) -> torch.Tensor:
+        objective = self.objective if "objective" in self._modules else self._objective_fn
+        return objective(x_0)
+
+    @staticmethod
+    def _reduce(loss: torch.Tensor) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+            raise TypeError("objective must return a floating-point tensor (a scalar or one value per sample)")
+        return loss.mean() if loss.ndim > 0 else loss
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def train(self, mode: bool = True) -> AdjointDPMCustomization:
+        super().train(mode)
+        self.sampler.unet.eval()
+        return self
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x_0 = self()
+        loss = self._reduce(self._call_objective(x_0))
+        self.log("objective", loss, prog_bar=True, batch_size=x_0.shape[0])
+        if self.target == "noise":
+            self.log("noise_rms", self.noise.detach().pow(2).mean().sqrt(), batch_size=x_0.shape[0])
+        return loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The tensors the optimizer updates."""
+        if self.target == "noise":
+            return [self.noise]
+        if self.target == "conditioning":
+            return [self.token_embeddings]
+        return [p for p in self.sampler.unet.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.trainable_parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        """Step indices only: every training step samples its own noise."""
+        return DataLoader(TensorDataset(torch.arange(self.steps_per_epoch)), batch_size=1)
