@@ -1,0 +1,249 @@
+"""Faithfulness of a token attribution: (soft) normalised sufficiency and comprehensiveness.
+
+The model predicts ``y`` with probability ``p(y | x)``. An attribution is *sufficient* if keeping only
+the tokens it marks keeps ``p(y)`` high, and *comprehensive* if removing them makes ``p(y)`` fall.
+Removing a token means multiplying its input embedding by zero; the soft variants (Zhao & Aletras,
+2023, used by ReAGent) instead keep each embedding *element* with a probability equal to the token's
+normalised importance (sufficiency) or one minus it (comprehensiveness), so no top-k cut-off is
+needed. With ``S(x') = 1 - max(0, p(y|x) - p(y|x'))`` and ``S0`` its value when every embedding is
+zeroed (the empty input):
+
+    NS = max(0, S(x_kept) - S0) / (1 - S0)          NC = max(0, p(y|x) - p(y|x_removed)) / (1 - S0)
+
+Higher is more faithful. NS lies in [0, 1]; NC exceeds 1 when removing the rationale lowers ``p(y)``
+below its value on the empty input. Examples whose prediction does not drop when the whole
+input is zeroed (``S0 = 1``) have no scale and are counted in ``num_skipped`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_bpfree.attribution.lm import (
+    evaluation_mode,
+    logits_from_embeddings,
+    model_device,
+    next_token_logits,
+    token_embeddings,
+)
+
+
+def normalized_sufficiency(full_prob: Tensor, kept_prob: Tensor, empty_prob: Tensor) -> Tensor:
+    """``max(0, S(kept) - S0) / (1 - S0)`` elementwise; NaN where ``S0 = 1`` (no scale). Shapes ``[B]``."""
+    sufficiency = 1 - (full_prob - kept_prob).clamp(min=0)
+    empty_sufficiency = 1 - (full_prob - empty_prob).clamp(min=0)
+    scale = 1 - empty_sufficiency
+    return torch.where(scale > 0, (sufficiency - empty_sufficiency).clamp(min=0) / scale, torch.nan)
+
+
+def normalized_comprehensiveness(full_prob: Tensor, removed_prob: Tensor, empty_prob: Tensor) -> Tensor:
+    """``max(0, p_full - p_removed) / (1 - S0)`` elementwise; NaN where ``S0 = 1``. Shapes ``[B]``."""
+    scale = (full_prob - empty_prob).clamp(min=0)
+    return torch.where(scale > 0, (full_prob - removed_prob).clamp(min=0) / scale, torch.nan)
+
+
+def keep_probabilities(importance: Tensor) -> Tensor:
+    """Map importance ``[B, N]`` to per-token keep probabilities in [0, 1]: positive part over row max."""
+    positive = importance.float().clamp(min=0)
+    top = positive.amax(dim=-1, keepdim=True)
+    return torch.where(top > 0, positive / top.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def top_k_mask(importance: Tensor, k: int) -> Tensor:
+    """Bool ``[B, N]``, True on the ``k`` highest-importance tokens of each row (ties: lower index)."""
+    order = torch.argsort(importance.float(), dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(importance, dtype=torch.bool)
+    return mask.scatter(-1, order[:, :k], True)
+
+
+def masked_target_probability(
+    model, input_ids: Tensor, target_ids: Tensor, keep: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """``p(target | x')`` where each embedding element of token n is kept with probability ``keep[:, n]``.
+
+    Args:
+        input_ids: int64 ``[B, N]``. target_ids: int64 ``[B]``.
+        keep: float ``[B, N]`` in [0, 1] (0/1 values make the masking deterministic).
+
+    Returns:
+        float32 ``[B]``.
+    """
+    embeds = token_embeddings(model, input_ids)
+    if bool(((keep > 0) & (keep < 1)).any()):
+        draws = torch.rand(embeds.shape, generator=generator, device=embeds.device)
+        mask = draws < keep.to(embeds.device).unsqueeze(-1)
+    else:
+        mask = (keep > 0).to(embeds.device).unsqueeze(-1).expand_as(embeds)
+    logits = logits_from_embeddings(model, embeds * mask)[:, -1]
+    return torch.softmax(logits, -1).gather(-1, target_ids.view(-1, 1).to(logits.device)).squeeze(-1).cpu()
+
+
+class _Faithfulness(Metric):
+    """Shared state and input checks; subclasses say which tokens survive and which score applies."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, model, *, num_samples: int = 1, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not callable(model):
+            raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        # Kept outside nn.Module registration: the metric's state_dict must not carry the model's weights.
+        self.__dict__["_model"] = model
+        self.num_samples = num_samples
+        self._generator = torch.Generator().manual_seed(seed)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("num_skipped", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _keep(self, importance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, input_ids: Tensor, importance: Tensor, target_ids: Tensor | int | None = None) -> None:
+        """Score attributions of next-token predictions.
+
+        Args:
+            input_ids: int64 ``[N]`` or ``[B, N]`` (rows of equal length, no padding).
+            importance: float, same shape: one score per input token (any scale; higher = more important).
+            target_ids: the predicted tokens ``[B]`` (or an int); default the model's own argmax.
+        """
+        ids, scores = _batched(input_ids, importance)
+        model = self.__dict__["_model"]
+        generator = self._generator
+        with torch.no_grad(), evaluation_mode(model):
+            ids = ids.to(model_device(model))
+            full_logits = next_token_logits(model, ids)
+            targets = _targets(target_ids, full_logits)
+            full = torch.softmax(full_logits, -1).gather(-1, targets.view(-1, 1)).squeeze(-1).cpu()
+            nothing = torch.zeros_like(scores)
+            empty = masked_target_probability(model, ids, targets, nothing)
+            keep = self._keep(scores)
+            samples = self.num_samples if bool(((keep > 0) & (keep < 1)).any()) else 1
+            perturbed = torch.stack(
+                [masked_target_probability(model, ids, targets, keep, generator) for _ in range(samples)]
+            ).mean(0)
+        values = self._score(full, perturbed, empty)
+        valid = ~torch.isnan(values)
+        self.total += values[valid].double().sum()
+        self.count += int(valid.sum())
+        self.num_skipped += int((~valid).sum())
+
+    def compute(self) -> Tensor:
+        """Mean score over the scored examples (NaN if none could be scored)."""
+        if int(self.count) == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
+
+
+class SoftSufficiency(_Faithfulness):
+    """Soft normalised sufficiency (Soft-NS): keep each embedding element with the token's importance.
+
+    Args:
+        model: a causal LM taking ``input_ids`` and ``inputs_embeds=`` (any transformers causal LM).
+        num_samples: random masks averaged per example (1 in the paper; more lowers the variance).
+        seed: seed of the metric's own generator (results repeat exactly for a given seed).
+
+    ``update(input_ids, importance, target_ids=None)``; ``compute()`` gives the mean over examples.
+    """
+
+    def _keep(self, importance: Tensor) -> Tensor:
+        return keep_probabilities(importance)
+
+    def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
+        return normalized_sufficiency(full, perturbed, empty)
+
+
+class SoftComprehensiveness(_Faithfulness):
+    """Soft normalised comprehensiveness (Soft-NC): keep each element with one minus the importance.
+
+    Same arguments as ``SoftSufficiency``.
+    """
+
+    def _keep(self, importance: Tensor) -> Tensor:
+        return 1 - keep_probabilities(importance)
+
+    def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
+        return normalized_comprehensiveness(full, perturbed, empty)
+
+
+class _HardFaithfulness(_Faithfulness):
+    def __init__(self, model, *, top_k: int | None = None, ratio: float = 0.2, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.top_k = top_k
+        self.ratio = ratio
+
+    def _rationale(self, importance: Tensor) -> Tensor:
+        k = self.top_k or max(1, round(self.ratio * importance.shape[-1]))
+        return top_k_mask(importance, min(k, importance.shape[-1])).float()
+
+
+class Sufficiency(_HardFaithfulness):
+    """Hard normalised sufficiency: keep only the top-k tokens (others' embeddings zeroed).
+
+    Args:
+        model: as for ``SoftSufficiency``.
+        top_k: rationale size in tokens; default ``max(1, round(ratio * N))``.
+        ratio: rationale size as a share of the input when ``top_k`` is None.
+    """
+
+    def _keep(self, importance: Tensor) -> Tensor:
+        return self._rationale(importance)
+
+    def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
+        return normalized_sufficiency(full, perturbed, empty)
+
+
+class Comprehensiveness(_HardFaithfulness):
+    """Hard normalised comprehensiveness: zero the embeddings of the top-k tokens. Arguments as ``Sufficiency``."""
+
+    def _keep(self, importance: Tensor) -> Tensor:
+        return 1 - self._rationale(importance)
+
+    def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
+        return normalized_comprehensiveness(full, perturbed, empty)
+
+
+def _batched(input_ids: Tensor, importance: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(input_ids, Tensor) or input_ids.is_floating_point():
+        raise TypeError("input_ids must be an integer tensor of token ids")
+    if not isinstance(importance, Tensor):
+        raise TypeError(f"importance must be a tensor, got {type(importance).__name__}")
+    ids = input_ids.long()
+    scores = importance.detach().float().cpu()
+    if ids.dim() == 1:
+        ids, scores = ids[None], scores.reshape(1, -1)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [N] or [B, N] with N >= 1, got shape {tuple(input_ids.shape)}")
+    if scores.shape != ids.shape:
+        raise ValueError(
+            f"importance must have one score per input token: shape {tuple(ids.shape)}, got {tuple(importance.shape)}"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("importance holds NaN or infinite values")
+    return ids, scores
+
+
+def _targets(target_ids: Tensor | int | None, logits: Tensor) -> Tensor:
+    batch, vocab = logits.shape
+    if target_ids is None:
+        return logits.argmax(-1)
+    targets = torch.as_tensor(target_ids, dtype=torch.long, device=logits.device).reshape(-1)
+    if targets.numel() == 1 and batch > 1:
+        targets = targets.expand(batch)
+    if targets.numel() != batch:
+        raise ValueError(f"target_ids must hold one id per sequence ({batch}), got {targets.numel()}")
+    if bool((targets < 0).any()) or bool((targets >= vocab).any()):
+        raise ValueError(f"target_ids must be in [0, {vocab}), got {targets.tolist()}")
+    return targets
