@@ -222,24 +222,31 @@ def _plot(results: list[dict[str, Any]], path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bpfree fp4-sweep", description=__doc__.split("\n\n")[0])
     add_output_args(parser, "fp4-sweep")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=CONFIGS,
+        help="configurations to train (default: all; --quick: fp32, nvfp4, mxfp4)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
     parser.add_argument("--skip-speed", action="store_true", help="only the training sweep")
     args = parser.parse_args(argv)
 
     if args.quick:
-        model = dict(steps=40, hidden_size=32, num_layers=2, seq_len=64, batch_size=8, lr=3e-3, keep_last_n=0)
+        model = dict(steps=20, hidden_size=32, num_layers=2, seq_len=32, batch_size=8, lr=3e-3, keep_last_n=0)
         speed = dict(tokens=512, features=1024, repeats=3)
-        val_blocks = 64
+        val_blocks, configs = 64, ["fp32", "nvfp4", "mxfp4"]
     else:
-        model = dict(steps=300, hidden_size=128, num_layers=4, seq_len=128, batch_size=16, lr=2e-3, keep_last_n=1)
+        model = dict(steps=150, hidden_size=64, num_layers=4, seq_len=64, batch_size=16, lr=3e-3, keep_last_n=1)
         speed = dict(tokens=2048, features=4096, repeats=3)
-        val_blocks = 256
+        val_blocks, configs = 512, list(CONFIGS)
+    configs = args.configs or configs
     if args.steps is not None:
         model["steps"] = args.steps
 
     results = []
-    for config in progress(args.configs, desc="fp4-sweep"):
+    for config in progress(configs, desc="fp4-sweep"):
         results.append(run_in_subprocess(f"{__name__}:train_config", config=config, seed=args.seed,
                                          val_blocks=val_blocks, **model))  # fmt: skip
     reference = next((r for r in results if r["config"] == "fp32"), results[0])

@@ -83,6 +83,14 @@ def _block_index(name: str, blocks_name: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def check_block_counts(high_precision_first_n: int, high_precision_last_n: int) -> None:
+    """Raise ``ValueError`` unless both block counts are non-negative ints."""
+    for argument, value in (("high_precision_first_n", high_precision_first_n),
+                            ("high_precision_last_n", high_precision_last_n)):  # fmt: skip
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
+
+
 def plan_conversion(
     module: nn.Module,
     recipe: FP4Recipe | None = None,
@@ -95,10 +103,7 @@ def plan_conversion(
     recipe = recipe or FP4Recipe()
     if isinstance(keep_high_precision, str):
         keep_high_precision = (keep_high_precision,)
-    for argument, value in (("high_precision_first_n", high_precision_first_n),
-                            ("high_precision_last_n", high_precision_last_n)):  # fmt: skip
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
+    check_block_counts(high_precision_first_n, high_precision_last_n)
     blocks_name, num_blocks = find_blocks(module)
     if (high_precision_first_n or high_precision_last_n) and blocks_name is None:
         raise ValueError("high_precision_first_n/last_n need a model whose blocks sit in an nn.ModuleList")
@@ -156,7 +161,8 @@ def convert_to_fp4(
         module: the model (modified in place).
         recipe: the ``FP4Recipe`` of the new layers (default NVFP4).
         keep_high_precision: name patterns (see ``matches_pattern``) of layers to keep.
-        high_precision_first_n, high_precision_last_n: keep every linear of the first / last N blocks.
+        high_precision_first_n: keep every linear of the first N blocks.
+        high_precision_last_n: keep every linear of the last N blocks.
         compute_dtype: GEMM dtype of the FP4 layers.
         seed: layer ``i`` (in module order) gets stochastic-rounding seed ``seed + i``.
 

@@ -41,7 +41,8 @@ class ScaleFormat:
 
     Args:
         name: display name, e.g. ``"ue4m3"``.
-        exponent_bits, mantissa_bits: field widths (the code is ``exponent << mantissa_bits | mantissa``).
+        exponent_bits: exponent field width (the code is ``exponent << mantissa_bits | mantissa``).
+        mantissa_bits: mantissa field width.
         bias: exponent bias; a normal value is ``(1 + m / 2**mantissa_bits) * 2**(e - bias)``.
         max_value: largest finite value; block scales saturate there.
         subnormals: whether exponent field 0 encodes subnormals (and zero). E8M0 has neither: its

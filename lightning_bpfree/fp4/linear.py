@@ -180,7 +180,11 @@ class FP4Linear(nn.Linear):
     ``fp4_enabled = False`` turns the layer back into a plain linear (the late switch to high precision).
 
     Args:
-        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        in_features: as ``nn.Linear``; a multiple of the recipe's block size.
+        out_features: as ``nn.Linear``; a multiple of the recipe's block size.
+        bias: as ``nn.Linear``.
+        device: as ``nn.Linear``.
+        dtype: as ``nn.Linear`` (the master-weight dtype).
         recipe: an ``FP4Recipe`` (default NVFP4); feature counts must be multiples of its block size.
         compute_dtype: dtype of the GEMMs on dequantized operands (float32, bfloat16 or float16).
         seed: seed of the layer's stochastic-rounding generator.
@@ -191,8 +195,8 @@ class FP4Linear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         recipe: FP4Recipe | None = None,
         compute_dtype: torch.dtype = torch.float32,

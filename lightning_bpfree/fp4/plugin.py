@@ -24,7 +24,14 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_bpfree.fp4.convert import ConversionReport, convert_to_fp4, fp4_layers, plan_conversion, replace_module
+from lightning_bpfree.fp4.convert import (
+    ConversionReport,
+    check_block_counts,
+    convert_to_fp4,
+    fp4_layers,
+    plan_conversion,
+    replace_module,
+)
 from lightning_bpfree.fp4.linear import COMPUTE_DTYPES
 from lightning_bpfree.fp4.recipe import GEMMS, OPERANDS, FP4Recipe
 
@@ -69,8 +76,9 @@ class FP4Precision(Precision):
         recipe: an ``FP4Recipe`` or a preset name (``"nvfp4"``, ``"mxfp4"``, ``"ue5m3"``); default NVFP4.
         keep_high_precision: name patterns of linear layers to keep (default the LM head); output heads
             and weights tied to embeddings are kept anyway.
-        high_precision_first_n, high_precision_last_n: keep the linears of the first / last N blocks
-            (the paper keeps ~15% of linears, mostly at the end, in BF16).
+        high_precision_first_n: keep the linears of the first N blocks.
+        high_precision_last_n: keep the linears of the last N blocks (the paper keeps ~15% of linears,
+            mostly at the end, in BF16).
         switch_to_high_precision_at_step: after this many optimizer steps, run ``switch_gemms`` in high
             precision for the rest of training (the paper's late switch; ``None`` never switches).
         switch_gemms: which GEMMs the switch moves to high precision (default all; ``("fprop",)`` is the
@@ -101,10 +109,7 @@ class FP4Precision(Precision):
             raise TypeError(f"recipe must be an FP4Recipe, a preset name or None, got {type(recipe).__name__}")
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
-        for argument, value in (("high_precision_first_n", high_precision_first_n),
-                                ("high_precision_last_n", high_precision_last_n)):  # fmt: skip
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
+        check_block_counts(high_precision_first_n, high_precision_last_n)
         step = switch_to_high_precision_at_step
         if step is not None and (not isinstance(step, int) or step < 0):
             raise ValueError(f"switch_to_high_precision_at_step must be None or an int >= 0, got {step!r}")
