@@ -57,6 +57,19 @@ def _check(name: str, value: float, low: float, *, strict: bool) -> float:
     return value
 
 
+def _as_blocks(blocks: Any) -> list[list[torch.Tensor]] | None:
+    if blocks is None:
+        return None
+    if isinstance(blocks, dict):
+        blocks = list(blocks.values())
+    if isinstance(blocks, torch.Tensor) or not isinstance(blocks, list | tuple):
+        raise TypeError(f"blocks must be a list of parameter lists or a name -> parameters dict, got {type(blocks).__name__}")
+    out = [list(block) for block in blocks]
+    if not out or any(not block or not all(isinstance(p, torch.Tensor) for p in block) for block in out):
+        raise ValueError("blocks must be a non-empty list of non-empty lists of parameters")
+    return out
+
+
 def _as_float(loss: Any, name: str = "closure") -> float:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
@@ -86,8 +99,27 @@ class ZOOptimizer(Optimizer):
             exact (costs their size in memory). ``None`` (default) keeps it when they take at most
             64 MiB, e.g. for LoRA; otherwise restores are arithmetic (``theta + eps z - 2 eps z +
             eps z``), exact up to float rounding, as in MeZO.
-        chunk_numel, num_threads: see :class:`~lightning_bpfree.zo.perturbation.SeededNoise`.
+        chunk_numel: the most noise elements drawn at once (see
+            :class:`~lightning_bpfree.zo.perturbation.SeededNoise`).
+        num_threads: CPU threads that draw the noise (default ``torch.get_num_threads()``).
+        blocks: block-wise ZO: a sequence (or a name -> parameters mapping, see
+            :func:`~lightning_bpfree.zo.blocks.find_blocks`) of parameter blocks. Each step then
+            perturbs, estimates and updates one block after the other (``2 q`` forwards per block);
+            trainable parameters in no block are not trained.
+        sparsity: a :class:`~lightning_bpfree.zo.sparsity.GradientSparsity` mask on the
+            perturbation (masked entries are neither perturbed nor updated).
+        first_order: hybrid ZO/FO: a :class:`~lightning_bpfree.zo.hybrid.FirstOrderPart` whose
+            parameters are trained by backprop in the same step, and left out of the ZO estimate.
+
+    ``loss_reducer`` (attribute, default None): ``fn(values) -> values`` applied to the float64
+    tensor of the losses each closure call returns; data-parallel training sets it to an
+    all-reduce mean (see :class:`~lightning_bpfree.zo.strategy.ZODataParallelStrategy`).
     """
+
+    combine_queries = False
+    """When True, ``update`` calls ``update_chunk`` once per chunk with ``z`` the averaged estimate
+    ``sum_q coeff_q z_q`` and ``coeff=1.0, query=0`` (for rules that need the whole estimate,
+    e.g. momentum and Adam); otherwise once per query with that query's noise and coefficient."""
 
     def __init__(
         self,
@@ -102,6 +134,9 @@ class ZOOptimizer(Optimizer):
         exact_restore: bool | None = None,
         chunk_numel: int = 1 << 20,
         num_threads: int | None = None,
+        blocks: Any = None,
+        sparsity: Any = None,
+        first_order: Any = None,
         **defaults: Any,
     ):
         _check("lr", lr, 0.0, strict=False)
@@ -126,6 +161,18 @@ class ZOOptimizer(Optimizer):
         }
         self.last_estimate = ZOEstimate()
         self._backup: dict[int, torch.Tensor] = {}
+        self.blocks = _as_blocks(blocks)
+        if sparsity is not None and not callable(getattr(sparsity, "chunk_mask", None)):
+            raise TypeError(f"sparsity must be a GradientSparsity, got {type(sparsity).__name__}")
+        if first_order is not None and not callable(getattr(first_order, "compute_gradients", None)):
+            raise TypeError(f"first_order must be a FirstOrderPart, got {type(first_order).__name__}")
+        self.sparsity = sparsity
+        self.first_order = first_order
+        self.loss_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._active: set[int] | None = None  # ids of the block being stepped
+        self._excluded: set[int] = set()  # ids of the first-order parameters
+        self._query_offset = 0
+        self._update_queries = 1
 
     # ----------------------------------------------------------------------------- bookkeeping
     def _indexed_params(self) -> list[tuple[dict, list[torch.Tensor], list[int]]]:
@@ -134,7 +181,7 @@ class ZOOptimizer(Optimizer):
         for group in self.param_groups:
             params, indices = [], []
             for p in group["params"]:
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in self._excluded and (self._active is None or id(p) in self._active):
                     params.append(p)
                     indices.append(position)
                 position += 1
@@ -154,12 +201,32 @@ class ZOOptimizer(Optimizer):
     def for_each_chunk(
         self, seed: int, fn: Callable[[dict, int, int, torch.Tensor, torch.Tensor], None]
     ) -> None:
-        """Call ``fn(group, param_index, start, values, z)`` on every chunk of every trainable parameter."""
+        """Call ``fn(group, param_index, start, values, z)`` on every chunk of every trainable parameter.
+
+        ``z`` is zero where the sparsity mask (if any) excludes the element.
+        """
         for group, params, indices in self._indexed_params():
             if params:
                 self.noise.for_each_chunk(
-                    params, seed, lambda i, s, v, z, g=group: fn(g, i, s, v, z), param_indices=indices
-                )
+                    params, seed, lambda i, s, v, z, g=group: fn(g, i, s, v, self._masked(i, s, v, z)),
+                    param_indices=indices,
+                )  # fmt: skip
+
+    def _masked(self, index: int, start: int, values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.sparsity is None:
+            return z
+        mask = self.sparsity.chunk_mask(index, start, values)
+        return z if mask is None else z.mul_(mask)
+
+    def trainable_parameters(self) -> list[tuple[int, torch.Tensor]]:
+        """``(stable index, parameter)`` of every parameter the next estimate perturbs."""
+        return [(i, p) for _, ps, idx in self._indexed_params() for p, i in zip(ps, idx)]
+
+    def _loss(self, closure: Callable[[], Any]) -> float:
+        loss = _as_float(closure())
+        if self.loss_reducer is None:
+            return loss
+        return float(self.loss_reducer(torch.tensor([loss], dtype=torch.float64))[0])
 
     # ---------------------------------------------------------------------------- perturbation
     def _save_backup(self) -> None:
@@ -203,12 +270,13 @@ class ZOOptimizer(Optimizer):
         ``estimate.pending_scale`` is ``-1.0``, so that the restore can share the update's pass
         over the noise.
         """
-        est = ZOEstimate(seeds=[self.query_seed(self.zo_state["step"], q) for q in range(self.num_queries)])
-        loss_at_theta = _as_float(closure()) if self.one_sided else None
+        step, offset = self.zo_state["step"], self._query_offset
+        est = ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
+        loss_at_theta = self._loss(closure) if self.one_sided else None
         eps = self.param_groups[0]["eps"]
         for query, seed in enumerate(est.seeds):
             self.perturb_(seed, +1.0)
-            loss_plus = _as_float(closure())
+            loss_plus = self._loss(closure)
             if self.one_sided:
                 self.restore_(seed, +1.0, use_backup)
                 loss_minus, denominator = loss_at_theta, 1.0
@@ -217,7 +285,7 @@ class ZOOptimizer(Optimizer):
                     self.perturb_(seed, -1.0, from_backup=True)
                 else:
                     self.perturb_(seed, -2.0)
-                loss_minus, denominator = _as_float(closure()), 2.0
+                loss_minus, denominator = self._loss(closure), 2.0
                 if leave_perturbed and query == len(est.seeds) - 1:
                     est.pending_scale = -1.0
                 else:
@@ -245,6 +313,11 @@ class ZOOptimizer(Optimizer):
 
     def update(self, estimate: ZOEstimate) -> None:
         """Apply ``update_chunk`` for every query, first undoing ``estimate.pending_scale`` in the same pass."""
+        self._update_queries = len(estimate.seeds)
+        self.prepare_update()
+        if self.combine_queries:
+            self._update_combined(estimate)
+            return
         last = len(estimate.seeds) - 1
         for query, (seed, grad) in enumerate(zip(estimate.seeds, estimate.projected_grads)):
             coeff = grad / len(estimate.seeds)
@@ -257,15 +330,98 @@ class ZOOptimizer(Optimizer):
 
             self.for_each_chunk(seed, apply)
 
+    def prepare_update(self) -> None:
+        """Hook run on the main thread before each update pass (create per-parameter state here)."""
+
+    def _update_combined(self, estimate: ZOEstimate) -> None:
+        coeffs = [grad / len(estimate.seeds) for grad in estimate.projected_grads]
+        pending = estimate.pending_scale
+        for group, params, indices in self._indexed_params():
+            if not params:
+                continue
+
+            def apply(index, start, values, combined, last_z, group=group) -> None:
+                combined = self._masked(index, start, values, combined)
+                if pending:
+                    values.add_(self._masked(index, start, values, last_z), alpha=-pending * group["eps"])
+                self.update_chunk(group, index, start, values, combined, 1.0, 0)
+
+            self.noise.for_each_chunk_combined(params, estimate.seeds, coeffs, apply, param_indices=indices)
+
+    def state_of(self, index: int, name: str) -> torch.Tensor:
+        """The per-parameter buffer ``name`` of parameter ``index`` (zeros, created by ``prepare_update``)."""
+        return self.state[self._param_at[index]][name]
+
+    def _init_buffers(self, *names: str) -> None:
+        self._param_at = {}
+        for index, p in self.trainable_parameters():
+            self._param_at[index] = p
+            state = self.state[p]
+            for name in names:
+                if name not in state:
+                    state[name] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+
+    def direction(self, index: int, param: torch.Tensor, seed: int) -> torch.Tensor:
+        """The whole (masked) float32 noise tensor that ``seed`` applies to parameter ``index``."""
+        out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+
+        def copy(i: int, start: int, values: torch.Tensor, z: torch.Tensor) -> None:
+            self.chunk_of(out, start, values).copy_(self._masked(i, start, values, z))
+
+        self.noise.for_each_chunk([param], seed, copy, param_indices=[index])
+        return out
+
+    @staticmethod
+    def chunk_of(buffer: torch.Tensor, start: int, values: torch.Tensor) -> torch.Tensor:
+        """The part of a per-parameter ``buffer`` that matches the chunk ``values`` starting at ``start``."""
+        return buffer if values.dim() != 1 else buffer.view(-1)[start : start + values.numel()]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One zeroth-order step; ``closure()`` computes the loss (no backward). Returns the loss at theta.
 
         A NaN or infinite loss skips the update: the parameters are restored (bitwise when a copy
         is kept, see ``exact_restore``) and ``zo_state["skipped_steps"]`` is incremented.
+        With ``blocks``, one such estimate and update per block; with ``sparsity``, the masks are
+        resampled first when due; with ``first_order``, its gradients are computed at theta first
+        and its optimizer steps last.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        if self.sparsity is not None:
+            self.sparsity.refresh(self)
+        fo_loss = None
+        if self.first_order is not None:
+            self._excluded = {id(p) for p in self.first_order.params}
+            zo_params = [p for _, p in self.trainable_parameters()]
+            fo_loss = self.first_order.compute_gradients(closure, zo_params)
+        if self.blocks is None:
+            loss = self.step_once(closure)
+        else:
+            losses = []
+            self._check_blocks()
+            try:
+                for number, block in enumerate(self.blocks):
+                    self._active = {id(p) for p in block}
+                    self._query_offset = number * self.num_queries
+                    losses.append(float(self.step_once(closure, advance=number == len(self.blocks) - 1)))
+            finally:
+                self._active, self._query_offset = None, 0
+            loss = torch.tensor(losses[0])
+        if self.first_order is not None:
+            self.first_order.step()
+            if not math.isfinite(float(loss)):
+                loss = torch.tensor(fo_loss)
+        return loss
+
+    def _check_blocks(self) -> None:
+        known = {id(p) for group in self.param_groups for p in group["params"]}
+        for number, block in enumerate(self.blocks):
+            if any(id(p) not in known for p in block):
+                raise ValueError(f"blocks[{number}] holds a tensor that is not among the optimizer's parameters")
+
+    def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
+        """Estimate and update the currently active parameters once; ``advance`` the step counter."""
         use_backup = self._uses_backup()
         if use_backup:
             self._save_backup()
@@ -277,7 +433,8 @@ class ZOOptimizer(Optimizer):
             self.zo_state["skipped_steps"] += 1
         else:
             self.update(estimate)
-        self.zo_state["step"] += 1
+        if advance:
+            self.zo_state["step"] += 1
         self.last_estimate = estimate
         return torch.tensor(estimate.loss)
 
@@ -285,11 +442,16 @@ class ZOOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["zo_state"] = dict(self.zo_state)
+        if self.first_order is not None:
+            state["first_order"] = self.first_order.optimizer.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         zo_state = state_dict.pop("zo_state", None)
+        first_order = state_dict.pop("first_order", None)
+        if first_order is not None and self.first_order is not None:
+            self.first_order.optimizer.load_state_dict(first_order)
         super().load_state_dict(state_dict)
         if zo_state is not None:
             self.zo_state.update({k: int(v) for k, v in zo_state.items()})
@@ -304,7 +466,217 @@ class ZOSGD(ZOOptimizer):
     """
 
 
-OPTIMIZERS: dict[str, type[ZOOptimizer]] = {"zo-sgd": ZOSGD}
+SIGN_MODES = ("elementwise", "projected")
+
+
+class ZOSGDSign(ZOOptimizer):
+    """ZO-SGD-Sign: step by the sign of the ZO gradient estimate (no extra state).
+
+    ``sign_mode="elementwise"`` (the ZO-Bench paper): ``theta -= lr * mean_q sign(g_q z_q)``, where
+    ``g_q`` is the projected gradient of query ``q`` (with one query, the element-wise sign of the
+    estimate; with several, the mean of their signs, so that memory stays constant in ``q``).
+    ``sign_mode="projected"`` (the ZO-LLM code): ``theta -= lr * mean_q sign(g_q) z_q``, a
+    normalised ZO-SGD step. Weight decay is decoupled, as in :class:`ZOSGD`.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, sign_mode: str = "elementwise", **options: Any):
+        if sign_mode not in SIGN_MODES:
+            raise ValueError(f"sign_mode must be one of {SIGN_MODES}, got {sign_mode!r}")
+        super().__init__(params, lr=lr, **options)
+        self.sign_mode = sign_mode
+
+    def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
+        if query == 0 and group["weight_decay"]:
+            values.mul_(1.0 - group["lr"] * group["weight_decay"])
+        direction = torch.sign(z) if self.sign_mode == "elementwise" else z
+        sign = (coeff > 0) - (coeff < 0)
+        values.add_(direction, alpha=-group["lr"] * sign / self._update_queries)
+
+
+class ZOSGDMomentum(ZOOptimizer):
+    """ZO-SGD-MMT: heavy-ball momentum on the ZO estimate ``g`` (one buffer the size of the parameters).
+
+    ``m <- momentum * m + g``; ``theta <- theta * (1 - lr * wd) - lr * m`` (``torch.optim.SGD``
+    with ``momentum``, ``dampening=0`` and decoupled weight decay).
+    """
+
+    combine_queries = True
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, momentum: float = 0.9, **options: Any):
+        _check("momentum", momentum, 0.0, strict=False)
+        if momentum >= 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, lr=lr, momentum=momentum, **options)
+
+    def prepare_update(self) -> None:
+        self._init_buffers("momentum_buffer")
+
+    def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
+        buffer = self.chunk_of(self.state_of(index, "momentum_buffer"), start, values)
+        buffer.mul_(group["momentum"]).add_(z)
+        if group["weight_decay"]:
+            values.mul_(1.0 - group["lr"] * group["weight_decay"])
+        values.add_(buffer, alpha=-group["lr"])
+
+
+class ZOAdam(ZOOptimizer):
+    """ZO-Adam: Adam moments on the ZO estimate, built one chunk of one parameter at a time.
+
+    The same arithmetic as ``torch.optim.Adam`` (``torch.optim.AdamW`` when ``weight_decay > 0``:
+    the decay is decoupled) fed the gradient ``g = mean_q g_q z_q``; two buffers the size of the
+    parameters, never a full gradient. ``adam_eps`` is Adam's denominator epsilon (``eps`` is the
+    perturbation scale).
+    """
+
+    combine_queries = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        **options: Any,
+    ):
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        _check("adam_eps", adam_eps, 0.0, strict=True)
+        super().__init__(params, lr=lr, betas=tuple(float(b) for b in betas), adam_eps=adam_eps, **options)
+
+    def prepare_update(self) -> None:
+        self._init_buffers("exp_avg", "exp_avg_sq")
+        for _, p in self.trainable_parameters():
+            self.state[p]["step"] = self.state[p].get("step", 0) + 1
+
+    def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        step = self.state[self._param_at[index]]["step"]
+        exp_avg = self.chunk_of(self.state_of(index, "exp_avg"), start, values)
+        exp_avg_sq = self.chunk_of(self.state_of(index, "exp_avg_sq"), start, values)
+        if group["weight_decay"]:
+            values.mul_(1.0 - lr * group["weight_decay"])
+        exp_avg.lerp_(z.to(exp_avg.dtype), 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(z, z, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["adam_eps"])
+        values.addcdiv_(exp_avg, denominator, value=-lr / bias_correction1)
+
+
+class ZOSGDConservative(ZOOptimizer):
+    """ZO-SGD-Cons: estimate ``g``, then keep whichever of ``theta``, ``theta - lr g z`` and
+    ``theta + lr g z`` has the lowest loss (``2 q + 3`` forwards per two-sided step).
+
+    Weight decay (decoupled) is applied after the choice. A non-finite candidate loss never wins.
+    ``last_choice`` records the candidate kept: ``+1`` (the ZO-SGD step ``theta - lr g z``), ``0``
+    (stay) or ``-1`` (``theta + lr g z``).
+    """
+
+    last_choice = 0
+
+    def _move(self, estimate: ZOEstimate, direction: float, use_backup: bool) -> None:
+        """Move theta by ``-direction * lr * g`` (from the kept copy ``theta_0`` when ``use_backup``)."""
+        count = len(estimate.seeds)
+        for query, (seed, grad) in enumerate(zip(estimate.seeds, estimate.projected_grads)):
+            from_backup = use_backup and query == 0
+
+            def apply(group, index, start, values, z, c=grad / count, from_backup=from_backup) -> None:
+                if from_backup:
+                    values.copy_(self._backup_chunk(index, start, values))
+                values.add_(z, alpha=-direction * group["lr"] * c)
+
+            self.for_each_chunk(seed, apply)
+
+    def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
+        use_backup = self._uses_backup()
+        if use_backup:
+            self._save_backup()
+        estimate = self.estimate(closure, use_backup)
+        if not estimate.skipped:
+            losses = {0: self._loss(closure)}
+            position = 0  # in units of the SGD step, relative to theta
+            for candidate in (+1, -1):  # theta - lr g z (the ZO-SGD step), then theta + lr g z
+                self._move(estimate, (candidate - position) if not use_backup else candidate, use_backup)
+                position = candidate
+                losses[candidate] = self._loss(closure)
+            finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+            choice = min(finite, key=lambda k: (finite[k], abs(k))) if finite else 0
+            if choice != position:
+                self._move(estimate, (choice - position) if not use_backup else choice, use_backup)
+            self.last_choice = choice
+            if any(group["weight_decay"] for group, _, _ in self._indexed_params()):
+                for group, params, _ in self._indexed_params():
+                    for p in params:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        else:
+            self.zo_state["skipped_steps"] += 1
+        if advance:
+            self.zo_state["step"] += 1
+        self.last_estimate = estimate
+        return torch.tensor(estimate.loss)
+
+
+class ForwardGradient(ZOOptimizer):
+    """Forward gradient (Baydin et al. 2022): exact directional derivatives by forward-mode AD, no backward.
+
+    Per query, a tangent ``v`` (gaussian or rademacher, regenerated from a seed, one tensor per
+    parameter held during the forward) is attached to every trainable parameter with
+    ``torch.autograd.forward_ad`` (the engine under ``torch.func.jvp``); one forward gives the
+    loss and ``d = grad L . v``. Update: ``theta <- theta * (1 - lr * wd) - lr * mean_q d_q v_q``.
+    ``eps`` and ``one_sided`` are unused. The closure must be differentiable in forward mode.
+    """
+
+    def directional_derivative(self, closure: Callable[[], Any], seed: int) -> tuple[float, float]:
+        """``(L(theta), grad L(theta) . v)`` for the tangent ``v`` of ``seed``."""
+        import torch.autograd.forward_ad as fwad
+
+        trainable = self.trainable_parameters()
+        with fwad.dual_level():
+            for index, p in trainable:
+                tangent = self.direction(index, p, seed).to(p.dtype)
+                p.copy_(fwad.make_dual(p.detach(), tangent))  # attaches the tangent to p itself
+                del tangent
+            output = closure()
+            if not isinstance(output, torch.Tensor) or output.numel() != 1:
+                raise ValueError("the closure must return a scalar loss tensor for forward-grad")
+            primal, tangent = fwad.unpack_dual(output)
+            values = torch.tensor(
+                [float(primal.detach().float()), 0.0 if tangent is None else float(tangent.float())],
+                dtype=torch.float64,
+            )  # fmt: skip
+        if self.loss_reducer is not None:
+            values = self.loss_reducer(values)
+        return float(values[0]), float(values[1])
+
+    def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
+        step, offset = self.zo_state["step"], self._query_offset
+        estimate = ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
+        for seed in estimate.seeds:
+            loss, derivative = self.directional_derivative(closure, seed)
+            estimate.loss_plus.append(loss)
+            estimate.projected_grads.append(derivative)
+            if not (math.isfinite(loss) and math.isfinite(derivative)):
+                estimate.skipped = True
+                break
+        if estimate.skipped:
+            self.zo_state["skipped_steps"] += 1
+        else:
+            self.update(estimate)
+        if advance:
+            self.zo_state["step"] += 1
+        self.last_estimate = estimate
+        return torch.tensor(estimate.loss)
+
+
+OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
+    "zo-sgd": ZOSGD,
+    "zo-sgd-sign": ZOSGDSign,
+    "zo-sgd-mmt": ZOSGDMomentum,
+    "zo-sgd-cons": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "forward-grad": ForwardGradient,
+}
 
 
 def make_optimizer(name: str, params: Iterable, **options: Any) -> ZOOptimizer:

@@ -89,17 +89,34 @@ class SeededNoise:
             z = torch.where(z < 0, -1.0, 1.0)
         return z
 
-    def _tasks(self, params: Sequence[torch.Tensor], seed: int, param_indices: Sequence[int] | None):
+    def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None):
+        """``(param_index, chunk_number, start, values)`` for every chunk of every parameter."""
         indices = range(len(params)) if param_indices is None else param_indices
         for position, param in enumerate(params):
             index = indices[position]
             data = param.data
             if not data.is_contiguous():
-                yield index, 0, data, mix_seed(seed, index, 0)
+                yield index, 0, 0, data
                 continue
             flat = data.view(-1)
             for chunk, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
-                yield index, start, flat[start : start + self.chunk_numel], mix_seed(seed, index, chunk)
+                yield index, chunk, start, flat[start : start + self.chunk_numel]
+
+    def _chunk_noise(self, seed: int, index: int, chunk: int, values: torch.Tensor) -> torch.Tensor:
+        z = self.draw(mix_seed(seed, index, chunk), values.numel(), values.device)
+        return z if values.dim() == 1 else z.view(values.shape)  # a non-contiguous parameter, processed whole
+
+    def _run(self, tasks: list, run: Callable[[tuple], None]) -> None:
+        threads = self.num_threads or torch.get_num_threads()
+        small = sum(t[3].numel() for t in tasks) < _MIN_PARALLEL_NUMEL  # thread hand-off would cost more
+        if threads <= 1 or len(tasks) < 2 or small or any(t[3].device.type != "cpu" for t in tasks):
+            for task in tasks:
+                run(task)
+            return
+        if self._pool is None or self._pool._max_workers != threads:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bpfree-noise")
+        for future in [self._pool.submit(run, task) for task in tasks]:
+            future.result()
 
     def for_each_chunk(
         self, params: Sequence[torch.Tensor], seed: int, fn: ChunkFn, param_indices: Sequence[int] | None = None
@@ -111,24 +128,38 @@ class SeededNoise:
         ``fn`` may modify ``values`` in place; it runs on worker threads on CPU.
         """
 
-        def run(task) -> None:
-            index, start, values, chunk_seed = task
-            z = self.draw(chunk_seed, values.numel(), values.device)
-            if values.dim() != 1:  # a non-contiguous parameter, processed whole
-                z = z.view(values.shape)
-            fn(index, start, values, z)
+        def run(task: tuple) -> None:
+            index, chunk, start, values = task
+            fn(index, start, values, self._chunk_noise(seed, index, chunk, values))
 
-        tasks = list(self._tasks(params, seed, param_indices))
-        threads = self.num_threads or torch.get_num_threads()
-        small = sum(t[2].numel() for t in tasks) < _MIN_PARALLEL_NUMEL  # thread hand-off would cost more
-        if threads <= 1 or len(tasks) < 2 or small or any(t[2].device.type != "cpu" for t in tasks):
-            for task in tasks:
-                run(task)
-            return
-        if self._pool is None or self._pool._max_workers != threads:
-            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bpfree-noise")
-        for future in [self._pool.submit(run, task) for task in tasks]:
-            future.result()
+        self._run(list(self._tasks(params, param_indices)), run)
+
+    def for_each_chunk_combined(
+        self,
+        params: Sequence[torch.Tensor],
+        seeds: Sequence[int],
+        weights: Sequence[float],
+        fn: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None],
+        param_indices: Sequence[int] | None = None,
+    ) -> None:
+        """Call ``fn(param_index, start, values, combined, last_z)`` once per chunk.
+
+        ``combined = sum_k weights[k] * z_k`` over the noises of ``seeds`` for that chunk, and
+        ``last_z`` is the noise of ``seeds[-1]`` alone. The chunks are visited once whatever the
+        number of seeds, so the temporary memory is two chunks per worker (not one per seed).
+        """
+        if len(seeds) != len(weights) or not seeds:
+            raise ValueError(f"seeds and weights must be non-empty and of equal length, got {len(seeds)} and {len(weights)}")
+
+        def run(task: tuple) -> None:
+            index, chunk, start, values = task
+            combined = None
+            for seed, weight in zip(seeds, weights):
+                z = self._chunk_noise(seed, index, chunk, values)
+                combined = z * weight if combined is None else combined.add_(z, alpha=weight)
+            fn(index, start, values, combined, z)
+
+        self._run(list(self._tasks(params, param_indices)), run)
 
     def noise_like(self, param: torch.Tensor, seed: int, param_index: int = 0) -> torch.Tensor:
         """The whole noise tensor (shape of ``param``, float32) that ``for_each_chunk`` applies to it."""
