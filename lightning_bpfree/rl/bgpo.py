@@ -51,6 +51,12 @@ def _check_clip(clip_eps: float | None, dual_clip: float | None) -> None:
         raise ValueError(f"dual_clip must be a float > 1 or None (no dual clip), got {dual_clip!r}")
 
 
+def _log_ratio_cap(dual_clip: float | None) -> float:
+    # with a dual clip, any log-ratio above log(c) gives the same capped loss and zero gradient, so
+    # clamping there changes nothing but keeps exp() finite
+    return math.log(dual_clip) + 1.0 if dual_clip is not None else _MAX_LOG_RATIO
+
+
 def _clipped_policy_terms(
     ratio: Tensor, advantages: Tensor, clip_eps: float | None, dual_clip: float | None
 ) -> tuple[Tensor, Tensor]:
@@ -101,8 +107,7 @@ def bgpo_surrogate_terms(
     # each branch only sees its own deltas, so neither 1 + delta <= 0 nor exp overflow in the branch
     # that is not selected can leak NaN/inf into the gradient through torch.where
     delta_linear = torch.where(positive, delta, torch.zeros_like(delta))
-    cap = math.log(dual_clip) + 1.0 if dual_clip is not None else _MAX_LOG_RATIO
-    delta_exp = torch.where(positive, torch.zeros_like(delta), delta).clamp(max=cap)
+    delta_exp = torch.where(positive, torch.zeros_like(delta), delta).clamp(max=_log_ratio_cap(dual_clip))
     ratio = torch.where(positive, 1.0 + delta_linear, torch.exp(delta_exp))
     return _clipped_policy_terms(ratio, advantages, clip_eps, dual_clip)
 
@@ -166,8 +171,7 @@ def _elbo_ratio_terms(
     if elbo_new.dim() == 1:
         elbo_new, elbo_old = elbo_new[None], elbo_old[None]
     log_ratio = (elbo_new - elbo_old.detach()).mean(dim=0)
-    cap = math.log(dual_clip) + 1.0 if dual_clip is not None else _MAX_LOG_RATIO
-    ratio = torch.exp(log_ratio.clamp(max=cap))
+    ratio = torch.exp(log_ratio.clamp(max=_log_ratio_cap(dual_clip)))
     return _clipped_policy_terms(ratio, advantages.to(ratio.dtype), clip_eps, dual_clip)
 
 
@@ -193,8 +197,7 @@ def diffu_grpo_loss(
     if advantages.shape != logprobs_new.shape[:1]:
         raise ValueError(f"advantages must have shape ({logprobs_new.shape[0]},), got {tuple(advantages.shape)}")
     log_ratio = (logprobs_new - logprobs_old.detach()).masked_fill(~response_mask, 0.0)
-    cap = math.log(dual_clip) + 1.0 if dual_clip is not None else _MAX_LOG_RATIO
-    ratio = torch.exp(log_ratio.clamp(max=cap))
+    ratio = torch.exp(log_ratio.clamp(max=_log_ratio_cap(dual_clip)))
     losses, _ = _clipped_policy_terms(ratio, advantages[:, None].to(ratio.dtype), clip_eps, dual_clip)
     per_sequence = (losses * response_mask).sum(dim=1) / response_mask.sum(dim=1).clamp(min=1)
     return per_sequence.mean()
