@@ -84,6 +84,8 @@ def test_soft_masks_keep_elements_with_the_importance_probability():
 
     keep = keep_probabilities(importance[None])
     torch.testing.assert_close(keep, torch.tensor([[1.0, 0.25, 0.0]]))
+    ranked = keep_probabilities(torch.tensor([[0.3, -2.0, 5.0, 0.3]]), "rank")
+    torch.testing.assert_close(ranked, torch.tensor([[3 / 4, 1 / 4, 4 / 4, 2 / 4]]))  # ties: lower index first
     captured = {}
     original = model.forward
 
@@ -154,6 +156,8 @@ def test_bad_inputs_raise_clearly():
         metric.update(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.3]))
     with pytest.raises(ValueError, match="num_samples"):
         SoftSufficiency(model, num_samples=0)
+    with pytest.raises(ValueError, match="normalization"):
+        SoftComprehensiveness(model, normalization="softmax")
     with pytest.raises(ValueError, match="top_k"):
         Sufficiency(model, top_k=0)
     with pytest.raises(ValueError, match="ratio"):

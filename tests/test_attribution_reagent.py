@@ -10,6 +10,7 @@ from lightning_bpfree.attribution import (
     UniformTokenSampler,
     reagent_attribution,
 )
+from lightning_bpfree.attribution.toy import PAIRS, retrieval_batch, train_retrieval_model
 from lightning_bpfree.models import tiny_causal_lm
 
 
@@ -61,37 +62,9 @@ def test_a_plain_function_is_enough():
     assert int(importance.argmax()) == 2
 
 
-# Key-value retrieval: 5 context tokens each encode a (key, value) pair, then a separator and a query key;
-# the answer is the value stored with the queried key, so the answer-bearing token is that pair's token.
-NUM_KEYS, NUM_VALUES, PAIRS = 8, 8, 5
-PAIR0, QUERY0 = 3, 3 + NUM_KEYS * NUM_VALUES
-SEP = QUERY0 + NUM_KEYS
-VOCAB = SEP + 1
-
-
-def retrieval_batch(size, generator):
-    keys = torch.argsort(torch.rand(size, NUM_KEYS, generator=generator), dim=1)[:, :PAIRS]
-    values = torch.randint(0, NUM_VALUES, (size, PAIRS), generator=generator)
-    asked = torch.randint(0, PAIRS, (size,), generator=generator)
-    rows = torch.arange(size)
-    ids = torch.cat(
-        [PAIR0 + keys * NUM_VALUES + values, torch.full((size, 1), SEP), QUERY0 + keys[rows, asked, None]], 1
-    )
-    return ids, PAIR0 + values[rows, asked], asked
-
-
 @pytest.fixture(scope="module")
 def retrieval_model():
-    model = tiny_causal_lm("gpt2", vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=4, seed=0).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(450):
-        ids, answers, _ = retrieval_batch(64, generator)
-        loss = nn.functional.cross_entropy(model(ids).logits[:, -1], answers)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return train_retrieval_model(steps=450, seed=0)
 
 
 def test_ranks_the_answer_bearing_token_first_on_a_trained_retrieval_model(retrieval_model):

@@ -64,8 +64,9 @@ def plot_heatmap(
         row, col = divmod(index, tokens_per_row)
         ax.add_patch(_cell(col, rows - 1 - row, colours(0.1 + 0.85 * share)))
         label = token.replace("\n", "\\n").strip() or repr(token)
-        ax.text(col + 0.5, rows - 1 - row + 0.6, label[:10], ha="center", va="center", fontsize=8)
-        ax.text(col + 0.5, rows - 1 - row + 0.25, f"{share:.2f}", ha="center", va="center", fontsize=6)
+        ink = "white" if share > 0.6 else "black"
+        ax.text(col + 0.5, rows - 1 - row + 0.6, label[:10], ha="center", va="center", fontsize=8, color=ink)
+        ax.text(col + 0.5, rows - 1 - row + 0.25, f"{share:.2f}", ha="center", va="center", fontsize=6, color=ink)
     ax.set_xlim(0, tokens_per_row)
     ax.set_ylim(0, rows)
     ax.axis("off")

@@ -44,11 +44,26 @@ def normalized_comprehensiveness(full_prob: Tensor, removed_prob: Tensor, empty_
     return torch.where(scale > 0, (full_prob - removed_prob).clamp(min=0) / scale, torch.nan)
 
 
-def keep_probabilities(importance: Tensor) -> Tensor:
-    """Map importance ``[B, N]`` to per-token keep probabilities in [0, 1]: positive part over row max."""
-    positive = importance.float().clamp(min=0)
-    top = positive.amax(dim=-1, keepdim=True)
-    return torch.where(top > 0, positive / top.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+NORMALIZATIONS = ("max", "rank")
+
+
+def keep_probabilities(importance: Tensor, normalization: str = "max") -> Tensor:
+    """Map importance ``[B, N]`` to per-token keep probabilities in [0, 1].
+
+    ``"max"``: the positive part over the row maximum (the top token is always kept, negative scores
+    never). ``"rank"``: the token ranked r-th (0 = most important) gets ``(N - r) / N``, so every
+    method keeps the same expected share of the input and only its ordering counts.
+    """
+    if normalization == "max":
+        positive = importance.float().clamp(min=0)
+        top = positive.amax(dim=-1, keepdim=True)
+        return torch.where(top > 0, positive / top.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    if normalization == "rank":
+        length = importance.shape[-1]
+        order = torch.argsort(importance.float(), dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
+        return (length - ranks).float() / length
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def top_k_mask(importance: Tensor, k: int) -> Tensor:
@@ -87,8 +102,11 @@ class _Faithfulness(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, model, *, num_samples: int = 1, seed: int = 0, **kwargs) -> None:
+    def __init__(self, model, *, num_samples: int = 1, seed: int = 0, normalization: str = "max", **kwargs) -> None:
         super().__init__(**kwargs)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.normalization = normalization
         if not callable(model):
             raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
         if not (isinstance(num_samples, int) and num_samples >= 1):
@@ -107,30 +125,35 @@ class _Faithfulness(Metric):
     def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def scores(self, input_ids: Tensor, importance: Tensor, target_ids: Tensor | int | None = None) -> Tensor:
+        """Per-example scores without touching the metric's state: float32 ``[B]``, NaN where unscaled.
+
+        Arguments as for ``update``.
+        """
+        ids, scores = _batched(input_ids, importance)
+        model = self.__dict__["_model"]
+        with torch.no_grad(), evaluation_mode(model):
+            ids = ids.to(model_device(model))
+            full_logits = next_token_logits(model, ids)
+            targets = _targets(target_ids, full_logits)
+            full = torch.softmax(full_logits, -1).gather(-1, targets.view(-1, 1)).squeeze(-1).cpu()
+            empty = masked_target_probability(model, ids, targets, torch.zeros_like(scores))
+            keep = self._keep(scores)
+            samples = self.num_samples if bool(((keep > 0) & (keep < 1)).any()) else 1
+            perturbed = torch.stack(
+                [masked_target_probability(model, ids, targets, keep, self._generator) for _ in range(samples)]
+            ).mean(0)
+        return self._score(full, perturbed, empty)
+
     def update(self, input_ids: Tensor, importance: Tensor, target_ids: Tensor | int | None = None) -> None:
-        """Score attributions of next-token predictions.
+        """Score attributions of next-token predictions and add them to the running mean.
 
         Args:
             input_ids: int64 ``[N]`` or ``[B, N]`` (rows of equal length, no padding).
             importance: float, same shape: one score per input token (any scale; higher = more important).
             target_ids: the predicted tokens ``[B]`` (or an int); default the model's own argmax.
         """
-        ids, scores = _batched(input_ids, importance)
-        model = self.__dict__["_model"]
-        generator = self._generator
-        with torch.no_grad(), evaluation_mode(model):
-            ids = ids.to(model_device(model))
-            full_logits = next_token_logits(model, ids)
-            targets = _targets(target_ids, full_logits)
-            full = torch.softmax(full_logits, -1).gather(-1, targets.view(-1, 1)).squeeze(-1).cpu()
-            nothing = torch.zeros_like(scores)
-            empty = masked_target_probability(model, ids, targets, nothing)
-            keep = self._keep(scores)
-            samples = self.num_samples if bool(((keep > 0) & (keep < 1)).any()) else 1
-            perturbed = torch.stack(
-                [masked_target_probability(model, ids, targets, keep, generator) for _ in range(samples)]
-            ).mean(0)
-        values = self._score(full, perturbed, empty)
+        values = self.scores(input_ids, importance, target_ids)
         valid = ~torch.isnan(values)
         self.total += values[valid].double().sum()
         self.count += int(valid.sum())
@@ -150,12 +173,14 @@ class SoftSufficiency(_Faithfulness):
         model: a causal LM taking ``input_ids`` and ``inputs_embeds=`` (any transformers causal LM).
         num_samples: random masks averaged per example (1 in the paper; more lowers the variance).
         seed: seed of the metric's own generator (results repeat exactly for a given seed).
+        normalization: how scores become keep probabilities, ``"max"`` or ``"rank"`` (see
+            ``keep_probabilities``; ``"rank"`` compares methods whose score scales differ fairly).
 
     ``update(input_ids, importance, target_ids=None)``; ``compute()`` gives the mean over examples.
     """
 
     def _keep(self, importance: Tensor) -> Tensor:
-        return keep_probabilities(importance)
+        return keep_probabilities(importance, self.normalization)
 
     def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
         return normalized_sufficiency(full, perturbed, empty)
@@ -168,7 +193,7 @@ class SoftComprehensiveness(_Faithfulness):
     """
 
     def _keep(self, importance: Tensor) -> Tensor:
-        return 1 - keep_probabilities(importance)
+        return 1 - keep_probabilities(importance, self.normalization)
 
     def _score(self, full: Tensor, perturbed: Tensor, empty: Tensor) -> Tensor:
         return normalized_comprehensiveness(full, perturbed, empty)
