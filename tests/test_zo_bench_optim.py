@@ -245,7 +245,7 @@ def test_temporary_memory_and_state_do_not_grow_with_queries(monkeypatch, name):
                              exact_restore=False)  # fmt: skip
         x = torch.randn(4, 64)
         for _ in range(2):
-            opt.step(lambda: model(x).square().mean())
+            opt.step(lambda model=model, x=x: model(x).square().mean())
         peaks[q] = tracker.peak
         states[q] = sum(t.numel() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     assert peaks[2] == peaks[8] <= 2 * 1000  # at most two noise chunks alive (one per query would be 8)

@@ -654,7 +654,8 @@ class ForwardGradient(ZOOptimizer):
         estimate = ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
         for seed in estimate.seeds:
             loss, derivative = self.directional_derivative(closure, seed)
-            estimate.loss_plus.append(loss)
+            estimate.loss_plus.append(loss)  # both at theta: forward-grad evaluates no perturbed point
+            estimate.loss_minus.append(loss)
             estimate.projected_grads.append(derivative)
             if not (math.isfinite(loss) and math.isfinite(derivative)):
                 estimate.skipped = True
