@@ -271,3 +271,14 @@ def test_bad_inputs_raise_clear_errors():
         attention(x, hw=(3, 3))
     with pytest.raises(ValueError, match="x must be"):
         attention(torch.randn(2, 10, 16))
+
+
+def test_bf16_attention_stays_close_to_float32():
+    attention = SOFTAttention(32, 2, num_landmarks=8)
+    x = torch.randn(2, 64, 32)
+    reference = attention(x)
+    x_bf16 = x.bfloat16().requires_grad_(True)
+    out = attention.bfloat16()(x_bf16)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x_bf16.grad).all()
+    assert (out.float() - reference).norm() / reference.norm() < 2e-2

@@ -22,6 +22,7 @@ whose landmark count grows with ``N``, is ``landmarks="conv"``); the symmetric n
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -376,7 +377,8 @@ class SOFTAttention(nn.Module):
         newton_iters: Newton-Schulz iterations for the landmark pseudo-inverse.
         normalize: the symmetric normalization of SOFT-Norm.
         qkv_bias: bias in the query and value projections.
-        **core_options: ``landmarks``, ``conv_stride``, ``value_conv_kernel`` of :class:`SOFTKernelAttention`.
+        **core_options: ``landmarks``, ``conv_stride``, ``project_landmarks``, ``value_conv_kernel`` of
+            :class:`SOFTKernelAttention`.
     """
 
     def __init__(
@@ -387,7 +389,7 @@ class SOFTAttention(nn.Module):
         newton_iters: int = 20,
         normalize: bool = False,
         qkv_bias: bool = False,
-        **core_options,
+        **core_options: Any,
     ) -> None:
         super().__init__()
         if not isinstance(num_heads, int) or num_heads < 1:

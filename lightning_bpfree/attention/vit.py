@@ -5,6 +5,8 @@ Plain PyTorch; :class:`lightning_bpfree.attention.lightning.ViTClassifier` train
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,7 +93,11 @@ class TinyViT(nn.Module):
     Args:
         image_size: side of the square input images (pixels).
         patch_size: side of a patch; ``(image_size / patch_size)^2`` tokens.
-        in_channels, num_classes, dim, depth, num_heads: the usual sizes.
+        in_channels: image channels.
+        num_classes: output classes.
+        dim: embedding size.
+        depth: number of blocks.
+        num_heads: attention heads.
         attention: ``"soft"``, ``"sdpa"`` or ``"eager"``.
         post_norm: post-norm blocks (SOFT's reference) rather than pre-norm.
         **soft_options: :class:`SOFTAttention` options (``num_landmarks``, ``newton_iters``, ...).
@@ -108,7 +114,7 @@ class TinyViT(nn.Module):
         num_heads: int = 2,
         attention: str = "soft",
         post_norm: bool = True,
-        **soft_options,
+        **soft_options: Any,
     ) -> None:
         super().__init__()
         if image_size % patch_size != 0:
