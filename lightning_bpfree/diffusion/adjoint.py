@@ -104,7 +104,7 @@ class ProbabilityFlowODE(nn.Module):
         conditioning / negative_conditioning: ``encoder_hidden_states`` ``[B, L, D]`` for the conditional
             and (with guidance) unconditional branch. One ODE object per sampling call, so the adjoint
             pass, which runs later, sees the same conditioning as the forward pass.
-        counter: a dict whose ``"evaluations"`` entry counts UNet calls (forward and backward).
+        counter: a dict whose ``"evaluations"`` entry counts UNet calls (forward, adjoint and recomputed).
     """
 
     def __init__(
@@ -128,10 +128,9 @@ class ProbabilityFlowODE(nn.Module):
         self.negative_conditioning = negative_conditioning
         self.counter = counter if counter is not None else {"evaluations": 0}
 
-    def epsilon(
-        self, x: torch.Tensor, timestep: float, alpha: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
+    def epsilon(self, x: torch.Tensor, timestep: float, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Noise prediction at ``x`` (``[B, C, H, W]``), with guidance and prediction-type conversion."""
+        self.counter["evaluations"] += 1
         guided = self.guidance_scale != 1.0
         cond = self.conditioning
         if guided:
@@ -154,7 +153,6 @@ class ProbabilityFlowODE(nn.Module):
         return out
 
     def forward(self, rho: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.counter["evaluations"] += 1
         alpha = (1.0 + rho * rho).rsqrt()
         sigma = rho * alpha
         timestep = self.time_map(rho)
@@ -259,9 +257,7 @@ class AdjointSampler(nn.Module):
                 "AdjointSampler needs one per step"
             )
         if not bool((timesteps[1:] < timesteps[:-1]).all()):
-            raise ValueError(
-                f"{type(scheduler).__name__} timesteps must be strictly decreasing, got {timesteps}"
-            )
+            raise ValueError(f"{type(scheduler).__name__} timesteps must be strictly decreasing, got {timesteps}")
         rho = rho_of_alphas_cumprod(scheduler.alphas_cumprod)[timesteps]
         final = getattr(scheduler, "final_alpha_cumprod", None)
         rho_end = 0.0 if final is None else float(rho_of_alphas_cumprod(torch.as_tensor(final)))
@@ -269,9 +265,7 @@ class AdjointSampler(nn.Module):
             # DDIM with set_alpha_to_one=False: the last step goes from t=0 to t=0, the identity map
             return timesteps, rho
         if rho_end >= float(rho[-1]):
-            raise ValueError(
-                f"the final noise level rho={rho_end} is not below the last timestep's {float(rho[-1])}"
-            )
+            raise ValueError(f"the final noise level rho={rho_end} is not below the last timestep's {float(rho[-1])}")
         return timesteps, torch.cat([rho, rho.new_tensor([rho_end])])
 
     def _grid(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -311,9 +305,7 @@ class AdjointSampler(nn.Module):
         span = grid[[0, -1]]
         options = {"grid_constructor": _GridConstructor(grid)}
         if self.adjoint:
-            conditioning = tuple(
-                c for c in (encoder_hidden_states, negative_encoder_hidden_states) if c is not None
-            )
+            conditioning = tuple(c for c in (encoder_hidden_states, negative_encoder_hidden_states) if c is not None)
             params = conditioning + tuple(p for p in self.unet.parameters() if p.requires_grad)
             y = odeint_adjoint(ode, y_T, span, method=self.method, options=options, adjoint_params=params)[-1]
         else:

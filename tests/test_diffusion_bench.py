@@ -1,0 +1,36 @@
+"""``bpfree adjoint-bench --quick`` end to end (subprocesses: slow)."""
+
+import json
+
+import pytest
+
+from lightning_bpfree.diffusion import bench
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / "adjoint_bench.json").read_text())
+    rows = figures["rows"]
+    assert {(r["mode"], r["steps"]) for r in rows} == {(m, n) for m in bench.MODES for n in (4, 8)}
+    for row in rows:
+        if row["mode"] != "adjoint":  # checkpointing recomputes, it does not change the gradient
+            assert all(row[f"cos_{t}"] > 0.9999 for t in bench.TARGETS)
+        else:
+            assert row["unet_calls"] == 2 * row["steps"]  # forward solve + adjoint solve
+    assert (tmp_path / "adjoint_bench.png").stat().st_size > 10_000
+
+
+def test_summary_reports_memory_ratio_and_first_step_count_reaching_cosine_0_99():
+    rows = [
+        {"mode": "adjoint", "steps": 10, "peak_rss_mib": 400.0, "grad_rss_mib": 30.0}
+        | {"cos_x_T": 0.995, "cos_conditioning": 0.9, "cos_weights": 0.98},
+        {"mode": "adjoint", "steps": 50, "peak_rss_mib": 420.0, "grad_rss_mib": 31.0}
+        | {"cos_x_T": 0.999, "cos_conditioning": 0.95, "cos_weights": 0.992},
+        {"mode": "backprop", "steps": 50, "peak_rss_mib": 2000.0, "grad_rss_mib": 1500.0}
+        | {"cos_x_T": 1.0, "cos_conditioning": 1.0, "cos_weights": 1.0},
+    ]
+    summary = bench.summarize(rows)
+    assert summary["adjoint_peak_rss_ratio"] == pytest.approx(420.0 / 400.0)
+    assert summary["first_steps_with_cosine_0_99"] == {"x_T": 10, "conditioning": None, "weights": 50}
+    assert summary["cosine_at_max_steps"]["weights"] == 0.992
