@@ -21,7 +21,7 @@ from lightning_bpfree.rl.tasks import AdditionTask
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--warmup-steps", type=int, default=400)
+    parser.add_argument("--warmup-steps", type=int, default=600)
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--objective", default="bgpo", choices=["bgpo", "naive", "diffu-grpo"])
     parser.add_argument("--mc-samples", type=int, default=4, help="Monte Carlo mask draws n_t per ELBO")
@@ -52,7 +52,8 @@ def main() -> None:
         suppress_token_ids=task.special_tokens,
     )
     prompts = task.prompt_dataset(16 * args.rl_steps, generator=torch.Generator().manual_seed(3))
-    trainer = L.Trainer(max_steps=args.rl_steps, logger=False, enable_checkpointing=False)
+    # max_steps counts optimizer steps: updates_per_batch (2) per batch of rollouts
+    trainer = L.Trainer(max_steps=2 * args.rl_steps, logger=False, enable_checkpointing=False)
     trainer.fit(module, DataLoader(prompts, batch_size=16, shuffle=True))
 
     rewards = [step["reward"] for step in module.history]

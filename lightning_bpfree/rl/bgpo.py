@@ -186,8 +186,9 @@ def diffu_grpo_loss(
     """d1's diffu-GRPO loss: per-token ratios of one-step log-probabilities, clipped, token-averaged.
 
     Args:
-        logprobs_new, logprobs_old: (batch, length) per-token log-probabilities from
-            :meth:`MaskedDiffusionLM.token_logprobs` (current and rollout weights).
+        logprobs_new: (batch, length) per-token log-probabilities from
+            :meth:`MaskedDiffusionLM.token_logprobs` under the current weights.
+        logprobs_old: the same under the rollout weights (detached here).
         advantages: (batch,) per-sequence advantages, shared by the sequence's tokens.
         response_mask: (batch, length) bool, the tokens that count.
     """

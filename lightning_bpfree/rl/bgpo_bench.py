@@ -110,7 +110,7 @@ def memory_sweep(quick: bool, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _trainer(max_steps: int, show_progress: bool):
+def _trainer(max_steps: int, show_progress: bool, callbacks: list | None = None):
     import lightning as L
 
     return L.Trainer(
@@ -120,7 +120,31 @@ def _trainer(max_steps: int, show_progress: bool):
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=show_progress,
+        callbacks=callbacks,
     )
+
+
+def _stop_at_accuracy(task, prompts: torch.Tensor, target: float, every: int):
+    """A callback that stops the warm-up once the sampled accuracy on ``prompts`` reaches ``target``.
+
+    The warm-up's accuracy jumps from a few percent to most answers within ~100 steps, so a fixed
+    step count lands either side of it depending on the machine; stopping at a target accuracy
+    (on training prompts, not the held-out ones) gives RL the same starting point everywhere.
+    """
+    import lightning as L
+
+    class StopAtAccuracy(L.Callback):
+        def __init__(self) -> None:
+            self.checks: list[tuple[int, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step % every:
+                return
+            accuracy = task.accuracy(pl_module.policy, prompts, temperature=1.0)
+            self.checks.append((trainer.global_step, accuracy))
+            trainer.should_stop = accuracy >= target
+
+    return StopAtAccuracy()
 
 
 def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -135,7 +159,8 @@ def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None
         "num_digits": 1 if quick else 2,
         "hidden_size": 64,
         "num_layers": 2,
-        "warmup_steps": 80 if quick else 400,
+        "warmup_max_steps": 80 if quick else 1500,
+        "warmup_target_accuracy": 0.3,
         "warmup_batch": 64,
         "warmup_lr": 2e-3,
         "rl_steps": 15 if quick else 150,
@@ -156,14 +181,19 @@ def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None
 
     start = time.perf_counter()
     warmup_data = task.supervised_dataset(
-        settings["warmup_steps"] * settings["warmup_batch"], torch.Generator().manual_seed(seed + 2)
+        settings["warmup_max_steps"] * settings["warmup_batch"], torch.Generator().manual_seed(seed + 2)
     )
-    _trainer(settings["warmup_steps"], show_progress).fit(
+    check_prompts = task.prompt_dataset(256, generator=torch.Generator().manual_seed(seed + 5)).tensors[0]
+    stopper = _stop_at_accuracy(task, check_prompts, settings["warmup_target_accuracy"], every=25)
+    warmup_trainer = _trainer(settings["warmup_max_steps"], show_progress, [stopper])
+    warmup_trainer.fit(
         MaskedDiffusionSFT(policy, lr=settings["warmup_lr"]),
         DataLoader(warmup_data, batch_size=settings["warmup_batch"], shuffle=True),
     )
     result: dict[str, Any] = {
         "settings": settings,
+        "warmup_steps": warmup_trainer.global_step,
+        "warmup_checks": stopper.checks,
         "warmup_seconds": time.perf_counter() - start,
         "after_warmup": {
             "greedy_accuracy": task.accuracy(policy, held_out_prompts),
@@ -190,7 +220,8 @@ def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None
             suppress_token_ids=task.special_tokens,
         )
         start = time.perf_counter()
-        _trainer(settings["rl_steps"], show_progress).fit(
+        # Lightning's max_steps counts optimizer steps: updates_per_batch of them per rollout batch
+        _trainer(settings["rl_steps"] * settings["updates_per_batch"], show_progress).fit(
             module, DataLoader(prompts, batch_size=settings["prompts_per_step"], shuffle=True)
         )
         result["runs"][objective] = {
@@ -212,7 +243,7 @@ def _task_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     warm = task["after_warmup"]
     rows = [
         {
-            "run": "after warm-up",
+            "run": f"after warm-up ({task['warmup_steps']} steps)",
             "reward_first10": None,
             "reward_last10": None,
             "held_out_greedy": warm["greedy_accuracy"],

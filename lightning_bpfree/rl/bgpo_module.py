@@ -52,10 +52,13 @@ class BGPO(L.LightningModule):
         num_mc_samples: Monte Carlo mask draws ``n_t`` per ELBO (the paper uses 16).
         objective: "bgpo", "naive" (exact ELBO ratio, all draws' graphs kept) or "diffu-grpo"
             (d1's one-step per-token estimate, ``num_mc_samples`` unused).
-        lr, weight_decay: AdamW settings.
-        clip_eps, dual_clip: PPO clip range and dual-clip constant (None disables either).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        clip_eps: PPO clip range (None disables clipping).
+        dual_clip: dual-clip constant for negative advantages (None disables it).
         updates_per_batch: optimizer steps on each batch of rollouts (PPO epochs); clipping only
-            matters when this is > 1.
+            matters when this is > 1. Lightning's ``global_step`` (and ``max_steps``) counts
+            optimizer steps, so one batch advances it by ``updates_per_batch``.
         max_grad_norm: gradient-norm clip before each step, or None.
         sampling_steps: denoising steps of the sampler (default ``response_length``).
         temperature: sampling temperature of the rollouts.
