@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_bpfree.attribution.density import jvp_attribution
 from lightning_bpfree.attribution.lm import (
+    LanguageModel,
     as_token_sequence,
     evaluation_mode,
     logits_from_embeddings,
@@ -34,14 +35,18 @@ def _predicted(model, sequence: Tensor, target_id: int | None) -> int:
         return int(next_token_logits(model, sequence[None].to(model_device(model)))[0].argmax())
 
 
-def gradient_x_input(model, input_ids: Tensor, target_id: int | None = None, *, method: str = "jvp") -> Tensor:
+def gradient_x_input(
+    model: LanguageModel, input_ids: Tensor, target_id: int | None = None, *, method: str = "jvp"
+) -> Tensor:
     """Gradient x input of ``p(target | input)`` per input token; ``method`` as in ``jvp_attribution``."""
     sequence = as_token_sequence(input_ids)
     target = _predicted(model, sequence, target_id)
     return jvp_attribution(model, sequence, torch.tensor([target]), method=method)[0]
 
 
-def integrated_gradients(model, input_ids: Tensor, target_id: int | None = None, *, steps: int = 16) -> Tensor:
+def integrated_gradients(
+    model: LanguageModel, input_ids: Tensor, target_id: int | None = None, *, steps: int = 16
+) -> Tensor:
     """Integrated gradients of ``p(target | input)`` from the zero-embedding baseline, summed over features.
 
     Args:
@@ -60,7 +65,7 @@ def integrated_gradients(model, input_ids: Tensor, target_id: int | None = None,
     return (grad.mean(0) * embeds[0]).sum(-1).detach().cpu()
 
 
-def attention_attribution(model, input_ids: Tensor, *, layer: int = -1) -> Tensor:
+def attention_attribution(model: LanguageModel, input_ids: Tensor, *, layer: int = -1) -> Tensor:
     """Attention of the last position over the input, averaged over the heads of ``layer``.
 
     Needs a transformers model; its attention implementation is set to ``"eager"`` for the call

@@ -43,7 +43,7 @@ class ReAGentCallback(Callback):
         prompts: Sequence[str | Tensor],
         every_n_epochs: int = 1,
         *,
-        tokenizer=None,
+        tokenizer: Any = None,
         dirpath: str | Path | None = None,
         model_attr: str | None = "model",
         faithfulness: bool = True,

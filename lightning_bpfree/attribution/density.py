@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_bpfree.attribution.lm import (
+    LanguageModel,
     as_token_sequence,
     evaluation_mode,
     logits_from_embeddings,
@@ -46,7 +47,7 @@ def _response_probabilities(model, embeds: Tensor, output_ids: Tensor, num_input
 
 
 def jvp_attribution(
-    model,
+    model: LanguageModel,
     input_ids: Tensor,
     output_ids: Tensor,
     *,

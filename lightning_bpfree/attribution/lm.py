@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+LanguageModel = Callable[..., Any]
+"""A causal LM: called with ``input_ids`` (and, for gradient methods, ``inputs_embeds=``) it returns logits."""
 
 
 def as_token_sequence(input_ids: Tensor, name: str = "input_ids") -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_bpfree.attribution.lm import (
+    LanguageModel,
     evaluation_mode,
     logits_from_embeddings,
     model_device,
@@ -74,7 +75,7 @@ def top_k_mask(importance: Tensor, k: int) -> Tensor:
 
 
 def masked_target_probability(
-    model, input_ids: Tensor, target_ids: Tensor, keep: Tensor, generator: torch.Generator | None = None
+    model: LanguageModel, input_ids: Tensor, target_ids: Tensor, keep: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """``p(target | x')`` where each embedding element of token n is kept with probability ``keep[:, n]``.
 
@@ -102,7 +103,9 @@ class _Faithfulness(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, model, *, num_samples: int = 1, seed: int = 0, normalization: str = "max", **kwargs) -> None:
+    def __init__(
+        self, model: LanguageModel, *, num_samples: int = 1, seed: int = 0, normalization: str = "max", **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -200,7 +203,7 @@ class SoftComprehensiveness(_Faithfulness):
 
 
 class _HardFaithfulness(_Faithfulness):
-    def __init__(self, model, *, top_k: int | None = None, ratio: float = 0.2, **kwargs) -> None:
+    def __init__(self, model: LanguageModel, *, top_k: int | None = None, ratio: float = 0.2, **kwargs) -> None:
         super().__init__(model, **kwargs)
         if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")

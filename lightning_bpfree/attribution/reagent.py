@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_bpfree.attribution.lm import as_token_sequence, evaluation_mode, model_device, next_token_logits
+from lightning_bpfree.attribution.lm import (
+    LanguageModel,
+    as_token_sequence,
+    evaluation_mode,
+    model_device,
+    next_token_logits,
+)
 from lightning_bpfree.attribution.samplers import resolve_sampler
 
 # delta = +-1 would give an infinite logit; real probabilities never get that close.
@@ -75,7 +81,7 @@ def _check_options(
 
 
 def reagent_attribution(
-    model,
+    model: LanguageModel,
     input_ids: Tensor,
     target_id: int | None = None,
     *,

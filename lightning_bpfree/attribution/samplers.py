@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_bpfree.attribution.lm import evaluation_mode, model_device, output_logits
+from lightning_bpfree.attribution.lm import LanguageModel, evaluation_mode, model_device, output_logits
 
 TokenSampler = Callable[[Tensor, Tensor, "torch.Generator | None"], Tensor]
 
@@ -101,7 +101,11 @@ class LanguageModelTokenSampler:
     """
 
     def __init__(
-        self, proposal_model, temperature: float = 1.0, exclude_ids: Sequence[int] = (), top_k: int | None = None
+        self,
+        proposal_model: LanguageModel,
+        temperature: float = 1.0,
+        exclude_ids: Sequence[int] = (),
+        top_k: int | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
