@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from lightning_bpfree.rl import ODICE, orthogonal_project
+from lightning_bpfree.rl.datasets import single_thread
 from lightning_bpfree.rl.odice_core import f_prime_inverse, f_star, gradient_cosine
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: intra-op threads only add contention (and on a shared machine, a lot of it)."""
+    with single_thread():
+        yield
 
 
 def _pair(*shape, dtype=torch.float64, seed=0):

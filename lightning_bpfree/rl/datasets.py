@@ -266,9 +266,7 @@ def _empty_episode() -> dict[str, list]:
 
 
 @single_thread()
-def evaluate_policy(
-    env_id: str, policy: ActionFn, episodes: int = 10, *, seed: int = 12345, env_factory=None
-) -> float:
+def evaluate_policy(env_id: str, policy: ActionFn, episodes: int = 10, *, seed: int = 12345, env_factory=None) -> float:
     """Mean undiscounted return of ``policy`` over ``episodes`` full episodes (all run side by side)."""
     if episodes <= 0:
         raise ValueError(f"episodes must be positive, got {episodes}")
@@ -340,15 +338,11 @@ def train_behaviour_policy(
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     scale, centre = torch.tensor((high - low) / 2), torch.tensor((high + low) / 2)
-    actor = _mlp([obs_dim, hidden, hidden, act_dim], nn.Tanh)
-    critics = nn.ModuleList(_mlp([obs_dim + act_dim, hidden, hidden, 1]) for _ in range(2))
-    actor_target, critics_target = copy.deepcopy(actor), copy.deepcopy(critics)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
-    critic_opt = torch.optim.Adam(critics.parameters(), lr=1e-3)
+    td3 = _TD3(obs_dim, act_dim, hidden)
 
     def act(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            unit = actor(torch.as_tensor(observations, dtype=torch.float32))
+            unit = td3.actor(torch.as_tensor(observations, dtype=torch.float32))
         return (unit * scale + centre).numpy()
 
     buffer = {
@@ -382,21 +376,9 @@ def train_behaviour_policy(
         episode_over = terminated or truncated
         obs = env.reset()[0] if episode_over else next_obs
         if size >= batch_size:
-            _td3_update(
-                step,
-                buffer,
-                size,
-                rng,
-                batch_size,
-                actor,
-                critics,
-                actor_target,
-                critics_target,
-                actor_opt,
-                critic_opt,
-                scale,
-                centre,
-            )
+            index = rng.integers(size, size=batch_size)
+            batch = {name: torch.as_tensor(value[index], dtype=torch.float32) for name, value in buffer.items()}
+            td3.update(batch, (batch["actions"] - centre) / scale, update_actor=step % 2 == 0)
         if size % eval_every == 0 and size > start_steps and not reached:
             score = evaluate_policy(env_id, act, episodes=5, seed=seed + 777)
             evaluations.append((size, score))
@@ -416,56 +398,45 @@ def train_behaviour_policy(
     return BehaviourRun(policy=act, replay=replay, evaluations=evaluations)
 
 
-def _td3_update(
-    step,
-    buffer,
-    size,
-    rng,
-    batch_size,
-    actor,
-    critics,
-    actor_target,
-    critics_target,
-    actor_opt,
-    critic_opt,
-    scale,
-    centre,
-    discount=0.99,
-    tau=0.005,
-) -> None:
-    index = rng.integers(size, size=batch_size)
+class _TD3(nn.Module):
+    """Twin-critic TD3 (Fujimoto et al. 2018) on actions scaled to [-1, 1]."""
 
-    def column(name):
-        return torch.as_tensor(buffer[name][index], dtype=torch.float32)
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, lr: float = 1e-3):
+        super().__init__()
+        self.actor = _mlp([obs_dim, hidden, hidden, act_dim], nn.Tanh)
+        self.critics = nn.ModuleList(_mlp([obs_dim + act_dim, hidden, hidden, 1]) for _ in range(2))
+        self.actor_target, self.critics_target = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=lr)
 
-    obs, action, reward, next_obs = (
-        column("observations"),
-        column("actions"),
-        column("rewards"),
-        column("next_observations"),
-    )
-    not_done = 1.0 - column("terminals")
-    unit_action = (action - centre) / scale
-    with torch.no_grad():
-        noise = (torch.randn_like(unit_action) * 0.2).clamp(-0.5, 0.5)
-        next_action = (actor_target(next_obs) + noise).clamp(-1.0, 1.0)
-        next_in = torch.cat([next_obs, next_action], dim=1)
-        target_q = torch.min(critics_target[0](next_in), critics_target[1](next_in)).squeeze(1)
-        target = reward + discount * not_done * target_q
-    state_action = torch.cat([obs, unit_action], dim=1)
-    critic_loss = sum(((critic(state_action).squeeze(1) - target) ** 2).mean() for critic in critics)
-    critic_opt.zero_grad(set_to_none=True)
-    critic_loss.backward()
-    critic_opt.step()
-    if step % 2 == 0:
-        actor_loss = -critics[0](torch.cat([obs, actor(obs)], dim=1)).mean()
-        actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        actor_opt.step()
+    def update(
+        self,
+        batch: dict[str, torch.Tensor],
+        unit_actions: torch.Tensor,
+        update_actor: bool,
+        discount: float = 0.99,
+        tau: float = 0.005,
+    ) -> None:
+        obs, next_obs = batch["observations"], batch["next_observations"]
         with torch.no_grad():
-            for net, target_net in ((actor, actor_target), (critics, critics_target)):
-                for p, p_target in zip(net.parameters(), target_net.parameters()):
-                    p_target.lerp_(p, tau)
+            noise = (torch.randn_like(unit_actions) * 0.2).clamp(-0.5, 0.5)
+            next_in = torch.cat([next_obs, (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)], dim=1)
+            target_q = torch.min(self.critics_target[0](next_in), self.critics_target[1](next_in)).squeeze(1)
+            target = batch["rewards"] + discount * (1.0 - batch["terminals"]) * target_q
+        state_action = torch.cat([obs, unit_actions], dim=1)
+        critic_loss = sum(((critic(state_action).squeeze(1) - target) ** 2).mean() for critic in self.critics)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        if update_actor:  # delayed policy updates
+            actor_loss = -self.critics[0](torch.cat([obs, self.actor(obs)], dim=1)).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_opt.step()
+            with torch.no_grad():
+                for net, target_net in ((self.actor, self.actor_target), (self.critics, self.critics_target)):
+                    for p, p_target in zip(net.parameters(), target_net.parameters()):
+                        p_target.lerp_(p, tau)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,9 +489,7 @@ def make_dataset(
         else:
             data = rollout(env_id, behaviour.policy, num_steps, seed=seed, action_noise=0.05)
             if kind == "medium-expert":
-                expert = rollout(
-                    env_id, expert_policy(env_id, seed=seed), num_steps, seed=seed + 1, action_noise=0.05
-                )
+                expert = rollout(env_id, expert_policy(env_id, seed=seed), num_steps, seed=seed + 1, action_noise=0.05)
                 data = OfflineDataset.concatenate([data, expert])
     data.kind = kind
     return data
@@ -559,18 +528,14 @@ def load_or_make_datasets(
 
 
 def reward_scale_for(dataset: OfflineDataset) -> float:
-    """D4RL's MuJoCo reward rescaling, generalised to any episode length.
+    """The paper's MuJoCo reward rescaling: ``1000 / (max episode return - min episode return)``.
 
-    D4RL code rescales rewards by 1000 / (max return - min return) for 1000-step episodes, so the
-    return range equals the episode length. Here: longest episode length / return range (1.0 if the
-    dataset holds fewer than two complete episodes or all returns are equal).
+    (1.0 when the dataset holds fewer than two complete episodes or all their returns are equal.)
     """
     returns = dataset.episode_returns()
     if len(returns) < 2 or float(returns.max() - returns.min()) == 0.0:
         return 1.0
-    ends = np.flatnonzero(dataset.terminals | dataset.timeouts)
-    longest = int(np.diff(np.concatenate([[-1], ends])).max())
-    return longest / float(returns.max() - returns.min())
+    return 1000.0 / float(returns.max() - returns.min())
 
 
 class OfflineBatches(torch.utils.data.IterableDataset):

@@ -57,17 +57,25 @@ class ODICE(L.LightningModule):
     Both parts share one Adam optimizer (two parameter groups), so ``global_step`` counts batches.
 
     Args:
-        obs_dim, act_dim: observation and action sizes.
+        obs_dim: observation size.
+        act_dim: action size.
         gradient: ``"orthogonal"`` (ODICE), ``"semi"`` (forward gradient only: eta = 0) or ``"true"``
             (the full residual gradient, no projection).
         divergence: ``"pearson_chi2"`` (default) or ``"reverse_kl"``.
-        lam: weight lambda of the f* term (the linear term gets 1 - lam). Paper default 0.6.
+        lam: weight lambda of the f* term (the linear term gets 1 - lam). Paper default 0.6; the paper
+            tunes it per task (its Appendix D).
         eta: weight of the projected backward gradient. Paper default 1.0.
-        discount: gamma. target_update_rate: EMA rate beta of the target value net (0.005).
-        value_lr, policy_lr, policy_weight_decay: Adam settings (2e-4, 2e-4, 1e-4 as in the paper's config).
-        value_hidden, policy_hidden: MLP widths (paper: 256x2 twin value with layer norm, 1024x2 policy).
+        discount: gamma.
+        target_update_rate: EMA rate beta of the target value net (0.005).
+        value_lr: Adam learning rate of the value nets (2e-4, the paper's config).
+        policy_lr: Adam learning rate of the policy (2e-4).
+        policy_weight_decay: Adam weight decay of the policy (1e-4).
+        value_hidden: widths of each value MLP (paper: 256x256, twin, layer norm).
+        policy_hidden: widths of the policy MLP (paper: 1024x1024).
+        layer_norm: LayerNorm in the value MLPs.
         max_weight: cap of the behaviour-cloning weights (100, the code's EXP_ADV_MAX).
-        action_low, action_high: the environment's action bounds (default [-1, 1]).
+        action_low: the environment's lower action bounds (default -1 per dimension).
+        action_high: the environment's upper action bounds (default +1 per dimension).
         track_cosine: also compute g_b in ``"semi"`` mode, to log cos(g_f, g_b) (one more backward).
     """
 

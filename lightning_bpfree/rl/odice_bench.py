@@ -1,0 +1,255 @@
+"""``bpfree odice-bench``: orthogonal vs semi vs true gradient ODICE on the same offline datasets.
+
+For every dataset kind (collected once from gymnasium and cached as ``.npz``), every gradient rule and
+every seed, an :class:`~lightning_bpfree.rl.odice.ODICE` module is trained in a Lightning Trainer with
+the :class:`~lightning_bpfree.rl.odice.OfflineEvaluation` callback. Reported: the final normalized
+return (mean of the last two evaluations; 0 = random policy, 100 = expert), its mean and standard
+deviation over seeds, and the mean cos(g_forward, g_backward) over training. Writes
+``odice-bench.json``, ``odice-bench.md`` (the table) and ``odice-bench.png`` (curves) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_bpfree.benchmarking import (
+    add_output_args,
+    format_table,
+    new_figure,
+    progress,
+    save_figure,
+    write_results,
+)
+
+NAME = "odice-bench"
+GRADIENT_RULES = ("orthogonal", "semi", "true")
+
+
+def train_one(
+    dataset_path: str,
+    gradient: str,
+    seed: int,
+    steps: int,
+    eval_every: int,
+    *,
+    batch_size: int = 256,
+    hidden: int = 256,
+    lr: float = 2e-4,
+    lam: float = 0.6,
+    episodes: int = 10,
+) -> dict[str, Any]:
+    """Train one ODICE configuration; return its evaluation history and wall-clock seconds."""
+    import lightning as L
+    import torch
+
+    from lightning_bpfree.rl.datasets import OfflineDataset, offline_dataloader
+    from lightning_bpfree.rl.odice import ODICE, OfflineEvaluation
+
+    data = OfflineDataset.load(dataset_path)
+    L.seed_everything(seed, verbose=False)
+    model = ODICE.for_dataset(
+        data,
+        gradient=gradient,
+        value_hidden=(hidden, hidden),
+        policy_hidden=(hidden, hidden),
+        value_lr=lr,
+        policy_lr=lr,
+        lam=lam,
+    )
+    evaluation = OfflineEvaluation(data.env_id, every_n_steps=eval_every, episodes=episodes, seed=10_000 + seed)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=[evaluation],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    with torch.random.fork_rng():
+        trainer.fit(model, offline_dataloader(data, batch_size=batch_size, num_batches=steps, seed=seed))
+    history = evaluation.history
+    final = float(np.mean([row["normalized_return"] for row in history[-2:]]))
+    cosines = [row["cos_forward_backward"] for row in history if "cos_forward_backward" in row]
+    return {
+        "history": history,
+        "final_normalized_return": final,
+        "mean_cos_forward_backward": float(np.mean(cosines)) if cosines else float("nan"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _summarise(runs: list[dict[str, Any]], kinds: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for kind in [*kinds, "average"]:
+        for gradient in GRADIENT_RULES:
+            chosen = [r for r in runs if r["gradient"] == gradient and (kind == "average" or r["dataset"] == kind)]
+            if not chosen:
+                continue
+            if kind == "average":  # average over datasets per seed, then spread over seeds
+                seeds = sorted({r["seed"] for r in chosen})
+                finals = [np.mean([r["final_normalized_return"] for r in chosen if r["seed"] == s]) for s in seeds]
+            else:
+                finals = [r["final_normalized_return"] for r in chosen]
+            rows.append(
+                {
+                    "dataset": kind,
+                    "gradient": gradient,
+                    "normalized return (mean)": float(np.mean(finals)),
+                    "std over seeds": float(np.std(finals)),
+                    "cos(g_f, g_b)": float(np.mean([r["mean_cos_forward_backward"] for r in chosen])),
+                    "seconds / run": float(np.mean([r["seconds"] for r in chosen])),
+                }
+            )
+    return rows
+
+
+def _plot(runs: list[dict[str, Any]], kinds: list[str], path: Path) -> Path:
+    fig, axes = new_figure(ncols=len(kinds) + 1, width=4.0, height=3.4)
+    colours = {"orthogonal": "tab:blue", "semi": "tab:orange", "true": "tab:red"}
+    for ax, kind in zip(axes, kinds):
+        for gradient in GRADIENT_RULES:
+            chosen = [r for r in runs if r["dataset"] == kind and r["gradient"] == gradient]
+            if not chosen:
+                continue
+            steps = [row["step"] for row in chosen[0]["history"]]
+            curves = np.array([[row["normalized_return"] for row in r["history"]] for r in chosen])
+            mean, std = curves.mean(0), curves.std(0)
+            ax.plot(steps, mean, label=gradient, color=colours[gradient])
+            ax.fill_between(steps, mean - std, mean + std, color=colours[gradient], alpha=0.15)
+        ax.set_title(kind)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("normalized return")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    ax = axes[-1]
+    for gradient in GRADIENT_RULES:
+        chosen = [r for r in runs if r["gradient"] == gradient]
+        rows = [row for r in chosen for row in r["history"] if "cos_forward_backward" in row]
+        if not rows:
+            continue
+        steps = sorted({row["step"] for row in rows})
+        mean = [np.mean([row["cos_forward_backward"] for row in rows if row["step"] == s]) for s in steps]
+        ax.plot(steps, mean, marker="o", label=gradient, color=colours[gradient])
+    ax.set_title("cos(g_forward, g_backward)")
+    ax.set_xlabel("training step")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"bpfree {NAME}", description=__doc__.split("\n\n")[0])
+    add_output_args(parser, NAME)
+    parser.add_argument("--env", default="Pendulum-v1", help="gymnasium environment id")
+    parser.add_argument(
+        "--datasets", nargs="+", default=["medium", "medium-replay", "medium-expert"], help="dataset kinds"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per configuration")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps")
+    parser.add_argument("--transitions", type=int, default=None, help="transitions per collected dataset")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the value and policy MLPs")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (value and policy)")
+    parser.add_argument("--lam", type=float, default=0.5, help="ODICE lambda (paper default 0.6; tuned per task)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: <out>/datasets)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets = args.datasets if argv and "--datasets" in argv else ["random", "expert"]
+        args.seeds = 1
+    steps = args.steps or (300 if args.quick else 1000)
+    eval_every = args.eval_every or max(steps // 5, 1)
+    transitions = args.transitions or (2_000 if args.quick else 20_000)
+    if steps <= 0 or eval_every <= 0 or transitions <= 0 or args.seeds <= 0:
+        parser.error("--steps, --eval-every, --transitions and --seeds must be positive")
+
+    import torch
+
+    from lightning_bpfree.rl.datasets import DATASET_KINDS, load_or_make_datasets, normalized_return
+
+    bad = [k for k in args.datasets if k not in DATASET_KINDS]
+    if bad:
+        parser.error(f"unknown dataset kinds {bad}; choose from {DATASET_KINDS}")
+    torch.set_num_threads(1)  # small networks: threads only add contention
+    warnings.filterwarnings("ignore", module="lightning")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    cache_dir = args.cache_dir or args.out / "datasets"
+    print(f"collecting / loading {args.env} datasets {args.datasets} in {cache_dir} ...")
+    datasets = load_or_make_datasets(
+        args.env, args.datasets, cache_dir=cache_dir, num_steps=transitions, seed=args.seed, progress=True
+    )
+    dataset_rows = [
+        {
+            "dataset": kind,
+            "transitions": len(data),
+            "episodes": len(data.episode_returns()),
+            "behaviour normalized return": normalized_return(args.env, float(data.episode_returns().mean())),
+        }
+        for kind, data in datasets.items()
+    ]
+    configs = [
+        (kind, gradient, args.seed + s)
+        for kind in args.datasets
+        for gradient in GRADIENT_RULES
+        for s in range(args.seeds)
+    ]
+    runs = []
+    for kind, gradient, seed in progress(configs, desc=NAME):
+        path = cache_dir / f"{args.env}-{kind}-{transitions}-s{args.seed}.npz"
+        result = train_one(
+            str(path),
+            gradient,
+            seed,
+            steps,
+            eval_every,
+            batch_size=args.batch_size,
+            hidden=args.hidden,
+            lr=args.lr,
+            lam=args.lam,
+        )
+        runs.append({"dataset": kind, "gradient": gradient, "seed": seed, **result})
+    rows = _summarise(runs, args.datasets)
+    table = format_table(dataset_rows) + "\n\n" + format_table(rows)
+    average = {r["gradient"]: r["normalized return (mean)"] for r in rows if r["dataset"] == "average"}
+    verdict = (
+        "orthogonal >= both baselines on average: "
+        f"{'yes' if average['orthogonal'] >= max(average['semi'], average['true']) else 'no'} "
+        f"(orthogonal {average['orthogonal']:.1f}, semi {average['semi']:.1f}, true {average['true']:.1f})"
+    )
+    print(table)
+    print(verdict)
+    figures = {
+        "env": args.env,
+        "settings": {
+            "steps": steps,
+            "eval_every": eval_every,
+            "transitions": transitions,
+            "seeds": args.seeds,
+            "hidden": args.hidden,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lam": args.lam,
+            "quick": args.quick,
+        },
+        "datasets": dataset_rows,
+        "summary": rows,
+        "verdict": verdict,
+        "runs": runs,
+    }
+    json_path = write_results(args.out, NAME, figures, table + "\n\n" + verdict)
+    png = _plot(runs, args.datasets, args.out / f"{NAME}.png")
+    print(f"wrote {json_path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
