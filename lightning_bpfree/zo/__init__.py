@@ -1,26 +1,46 @@
-"""Zeroth-order training: MeZO and the ZO-Bench optimizers, the ``ZerothOrder`` callback."""
+"""Zeroth-order training: MeZO and the ZO-Bench optimizers, the ``ZerothOrder`` callback.
 
-from lightning_bpfree.zo.blocks import find_blocks
-from lightning_bpfree.zo.callback import ZerothOrder
-from lightning_bpfree.zo.hybrid import FirstOrderPart
-from lightning_bpfree.zo.optim import (
-    OPTIMIZERS,
-    ZOSGD,
-    ForwardGradient,
-    ZOAdam,
-    ZOEstimate,
-    ZOOptimizer,
-    ZOSGDConservative,
-    ZOSGDMomentum,
-    ZOSGDSign,
-    make_optimizer,
-)
-from lightning_bpfree.zo.peft_schemes import SCHEMES, apply_scheme
-from lightning_bpfree.zo.perturbation import SeededNoise, mix_seed
-from lightning_bpfree.zo.sparsity import GradientSparsity
+Names are imported on first use, so that the plain-PyTorch parts (optimizers, noise, blocks,
+sparsity, schemes) load without Lightning.
+"""
 
-__all__ = [
-    "OPTIMIZERS", "SCHEMES", "FirstOrderPart", "ForwardGradient", "GradientSparsity", "SeededNoise", "ZOAdam",
-    "ZOEstimate", "ZOOptimizer", "ZOSGD", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder",
-    "apply_scheme", "find_blocks", "make_optimizer", "mix_seed",
-]  # fmt: skip
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ZerothOrder": "lightning_bpfree.zo.callback",
+    "ZODataParallelStrategy": "lightning_bpfree.zo.strategy",
+    "OPTIMIZERS": "lightning_bpfree.zo.optim",
+    "ZOSGD": "lightning_bpfree.zo.optim",
+    "ZOSGDSign": "lightning_bpfree.zo.optim",
+    "ZOSGDMomentum": "lightning_bpfree.zo.optim",
+    "ZOSGDConservative": "lightning_bpfree.zo.optim",
+    "ZOAdam": "lightning_bpfree.zo.optim",
+    "ForwardGradient": "lightning_bpfree.zo.optim",
+    "ZOEstimate": "lightning_bpfree.zo.optim",
+    "ZOOptimizer": "lightning_bpfree.zo.optim",
+    "make_optimizer": "lightning_bpfree.zo.optim",
+    "SeededNoise": "lightning_bpfree.zo.perturbation",
+    "mix_seed": "lightning_bpfree.zo.perturbation",
+    "find_blocks": "lightning_bpfree.zo.blocks",
+    "GradientSparsity": "lightning_bpfree.zo.sparsity",
+    "FirstOrderPart": "lightning_bpfree.zo.hybrid",
+    "SCHEMES": "lightning_bpfree.zo.peft_schemes",
+    "apply_scheme": "lightning_bpfree.zo.peft_schemes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_bpfree.zo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -624,12 +624,15 @@ class ForwardGradient(ZOOptimizer):
     parameter held during the forward) is attached to every trainable parameter with
     ``torch.autograd.forward_ad`` (the engine under ``torch.func.jvp``); one forward gives the
     loss and ``d = grad L . v``. Update: ``theta <- theta * (1 - lr * wd) - lr * mean_q d_q v_q``.
-    ``eps`` and ``one_sided`` are unused. The closure must be differentiable in forward mode.
+    ``eps`` and ``one_sided`` are unused. The closure must be differentiable in forward mode; it
+    runs with ``scaled_dot_product_attention`` restricted to its math kernel (the fused CPU and CUDA
+    kernels have no forward-mode derivative).
     """
 
     def directional_derivative(self, closure: Callable[[], Any], seed: int) -> tuple[float, float]:
         """``(L(theta), grad L(theta) . v)`` for the tangent ``v`` of ``seed``."""
         import torch.autograd.forward_ad as fwad
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         trainable = self.trainable_parameters()
         with fwad.dual_level():
@@ -637,7 +640,9 @@ class ForwardGradient(ZOOptimizer):
                 tangent = self.direction(index, p, seed).to(p.dtype)
                 p.copy_(fwad.make_dual(p.detach(), tangent))  # attaches the tangent to p itself
                 del tangent
-            output = closure()
+            # the fused attention kernels have no forward-mode derivative; the math one does
+            with sdpa_kernel(SDPBackend.MATH):
+                output = closure()
             if not isinstance(output, torch.Tensor) or output.numel() != 1:
                 raise ValueError("the closure must return a scalar loss tensor for forward-grad")
             primal, tangent = fwad.unpack_dual(output)
