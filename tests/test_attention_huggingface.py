@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from lightning_bpfree.attention import SOFTKernelAttention, use_soft_attention
-from lightning_bpfree.attention.huggingface import key_padding_from_attention_mask, soft_attention_forward
+from lightning_bpfree.attention.huggingface import (
+    key_padding_from_attention_mask,
+    soft_attention_forward,
+    soft_padding_mask,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,6 +125,26 @@ def test_attention_function_rejects_masks_that_are_not_padding():
     expected = torch.tensor([[False, False, False, True, True]])
     assert torch.equal(key_padding_from_attention_mask(padding, 1, 5), expected)
     assert torch.equal(key_padding_from_attention_mask(additive, 1, 5), expected)
+
+
+def test_mask_hook_passes_padding_compactly_and_other_masks_in_full():
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    padding = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    hook_kwargs = dict(
+        batch_size=2, q_length=4, kv_length=4, attention_mask=padding, allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=True, dtype=torch.float32, use_vmap=False, device="cpu",
+    )  # fmt: skip
+    compact = soft_padding_mask(mask_function=bidirectional_mask_function, **hook_kwargs)
+    assert compact.shape == (2, 1, 1, 4) and compact.dtype == torch.bool
+    assert torch.equal(key_padding_from_attention_mask(compact, 2, 4), padding == 0)
+    assert (
+        soft_padding_mask(mask_function=bidirectional_mask_function, **{**hook_kwargs, "attention_mask": None}) is None
+    )
+    causal = soft_padding_mask(mask_function=causal_mask_function, **hook_kwargs)
+    assert causal.shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="differs between queries"):
+        key_padding_from_attention_mask(causal, 2, 4)
 
 
 def test_attention_function_needs_the_core_and_self_attention():

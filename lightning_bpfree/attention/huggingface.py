@@ -52,10 +52,11 @@ def soft_padding_mask(
     from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask, sdpa_mask
 
     if mask_function is not bidirectional_mask_function:
+        # The full mask cannot be skipped here: the attention function must see it to reject it.
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-            allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
         )  # fmt: skip
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None:
@@ -67,9 +68,9 @@ def soft_padding_mask(
 def key_padding_from_attention_mask(attention_mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
     """A transformers attention mask as a key padding mask (bool ``[B, N]``, True = padding).
 
-    Accepts bool masks (True = attend) and additive float masks (0 = attend, large negative = masked) of
-    shape ``[B, 1, Nq, N]`` or ``[B, 1, 1, N]``. A mask that varies between real query rows is not a
-    padding mask (causal, sliding window): ``ValueError``.
+    Accepts bool or 0/1 integer masks (True/1 = attend) and additive float masks (0 = attend, large
+    negative = masked) of shape ``[B, 1, Nq, N]`` or ``[B, 1, 1, N]``. A mask that varies between real
+    query rows is not a padding mask (causal, sliding window): ``ValueError``.
     """
     if attention_mask is None:
         return None
@@ -78,7 +79,10 @@ def key_padding_from_attention_mask(attention_mask: Tensor | None, batch: int, t
             f"SOFT expects an attention mask of shape [B, 1, Nq, N] or [B, 1, 1, N] with B={batch}, "
             f"N={tokens}; got {tuple(attention_mask.shape)}"
         )
-    attend = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1.0
+    if attention_mask.is_floating_point():
+        attend = attention_mask > -1.0  # additive: 0 where attended, a large negative number elsewhere
+    else:
+        attend = attention_mask.bool()  # bool or 0/1 integers: nonzero where attended
     attend = attend.all(dim=1)  # [B, Nq, N]
     key_valid = attend.any(dim=1)  # [B, N]
     rows_with_keys = attend.any(dim=-1, keepdim=True)
