@@ -228,8 +228,9 @@ class SOFTKernelAttention(nn.Module):
         project_landmarks: apply the learned ``Linear + LayerNorm + GELU`` to the pooled landmarks (SOFT);
             False uses the plain segment means (as Nystromformer does), with which a sequence of at most
             ``num_landmarks`` tokens gets the exact kernel attention ``A(Q, Q) V``.
-        value_conv_kernel: if set, adds a depthwise convolution of this (odd) size on ``V`` per head
-            (1D along the sequence, 2D over the ``hw`` grid), as in SOFT.
+        value_conv_kernel: if set, adds a depthwise convolution of this (odd) size on ``V`` (1D along the
+            sequence, 2D over the ``hw`` grid): one kernel per channel of a head, shared by the heads
+            (SOFT's reference has one kernel per head, shared by the channels).
     """
 
     def __init__(
@@ -254,7 +255,9 @@ class SOFTKernelAttention(nn.Module):
             raise ValueError(f"landmarks must be one of {LANDMARK_KINDS}, got {landmarks!r}")
         if not isinstance(conv_stride, int) or conv_stride < 1:
             raise ValueError(f"conv_stride must be a positive int, got {conv_stride!r}")
-        if value_conv_kernel is not None and (value_conv_kernel < 1 or value_conv_kernel % 2 == 0):
+        if value_conv_kernel is not None and (
+            not isinstance(value_conv_kernel, int) or value_conv_kernel < 1 or value_conv_kernel % 2 == 0
+        ):
             raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
         self.head_dim = head_dim
         self.num_landmarks = num_landmarks
