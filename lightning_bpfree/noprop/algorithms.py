@@ -102,7 +102,8 @@ class NoPropDTNet(_NoPropNet):
         train_embedding: override whether ``W`` is trained.
         eta: scale of the denoising losses (paper: 0.1).
         max_alpha_bar: signal fraction of ``z_T`` (clip of the cosine schedule).
-        hidden, channels: block widths (see :class:`DenoiserBlock`).
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
         inference_noise: add the ``sqrt(c_t) eps`` term during inference (the paper does).
     """
 
@@ -206,7 +207,8 @@ def noprop_dt_step(
         net: the model.
         block_optimizers: one optimizer per block, over that block's parameters only.
         head_optimizer: over ``net.head_parameters()``.
-        images, labels: the batch.
+        images: the batch's images, ``[B, C, H, W]``.
+        labels: the batch's labels, ``[B]`` int64.
         backward: how to back-propagate a loss within one block (default ``loss.backward()``;
             Lightning passes ``manual_backward``).
         step: how to step an optimizer (default ``optimizer.step()``).
@@ -242,12 +244,19 @@ class NoPropCTNet(_NoPropNet):
     its trapezoidal corrector, two calls per step).
 
     Args:
-        num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding: as NoPropDTNet.
+        num_classes: as NoPropDTNet.
+        image_shape: as NoPropDTNet.
+        embedding: as NoPropDTNet.
+        embedding_dim: as NoPropDTNet.
+        prototypes: as NoPropDTNet.
+        train_embedding: as NoPropDTNet.
         eta: scale of the denoising loss (paper: 1).
-        gamma_min, gamma_max: ends of the log-SNR range (see :class:`LearnableNoiseSchedule`).
+        gamma_min: ``gamma(1)``, the low end of the log-SNR range.
+        gamma_max: ``gamma(0)``, the high end of the log-SNR range.
         inference_steps: number of ODE steps.
         solver: ``"euler"`` or ``"heun"``.
-        hidden, channels: network widths.
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
     """
 
     def __init__(
@@ -324,10 +333,16 @@ class NoPropFMNet(_NoPropNet):
     ``z_t + (1 - t) v``. Inference: Euler from ``z_0 ~ N(0, I)`` at ``t = 0`` to ``t = 1``.
 
     Args:
-        num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding: as NoPropDTNet.
+        num_classes: as NoPropDTNet.
+        image_shape: as NoPropDTNet.
+        embedding: as NoPropDTNet.
+        embedding_dim: as NoPropDTNet.
+        prototypes: as NoPropDTNet.
+        train_embedding: as NoPropDTNet.
         ce_weight: weight of the cross-entropy term (0 turns it off).
         inference_steps: Euler steps.
-        hidden, channels: network widths.
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
     """
 
     def __init__(

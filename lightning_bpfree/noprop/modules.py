@@ -73,9 +73,11 @@ class NoPropDT(_Classifier):
         train_embedding: override whether the embeddings are trained (default: all but one-hot).
         eta: denoising-loss scale (paper: 0.1).
         max_alpha_bar: signal fraction of ``z_T``.
-        hidden, channels: block widths.
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
         inference_noise: keep the ``sqrt(c_t) eps`` term at inference.
-        lr, weight_decay: AdamW settings of every optimizer (paper: 1e-3, 1e-3).
+        lr: AdamW learning rate of every optimizer (paper: 1e-3).
+        weight_decay: AdamW weight decay (paper: 1e-3).
     """
 
     def __init__(
@@ -154,13 +156,21 @@ class NoPropCT(_SingleNetwork):
     """NoProp-CT: one time-conditioned network and a learnable noise schedule, ``t ~ U[0, 1]``.
 
     Args:
-        num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding: as :class:`NoPropDT`.
+        num_classes: as :class:`NoPropDT`.
+        image_shape: as :class:`NoPropDT`.
+        embedding: as :class:`NoPropDT`.
+        embedding_dim: as :class:`NoPropDT`.
+        prototypes: as :class:`NoPropDT`.
+        train_embedding: as :class:`NoPropDT`.
         eta: denoising-loss scale (paper: 1).
-        gamma_min, gamma_max: log-SNR range, ``alpha_bar(t) = sigmoid(-gamma(t))``.
+        gamma_min: ``gamma(1)``, the low end of the log-SNR range.
+        gamma_max: ``gamma(0)``, the high end of the log-SNR range.
         inference_steps: ODE steps at inference.
         solver: ``"euler"`` or ``"heun"``.
-        hidden, channels: network widths.
-        lr, weight_decay: AdamW settings.
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
+        lr: AdamW learning rate of every optimizer (paper: 1e-3).
+        weight_decay: AdamW weight decay (paper: 1e-3).
     """
 
     def __init__(
@@ -193,11 +203,18 @@ class NoPropFM(_SingleNetwork):
     """NoProp-FM: flow matching from noise to the class embedding, Euler inference.
 
     Args:
-        num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding: as :class:`NoPropDT`.
+        num_classes: as :class:`NoPropDT`.
+        image_shape: as :class:`NoPropDT`.
+        embedding: as :class:`NoPropDT`.
+        embedding_dim: as :class:`NoPropDT`.
+        prototypes: as :class:`NoPropDT`.
+        train_embedding: as :class:`NoPropDT`.
         ce_weight: weight of the cross-entropy on the extrapolated ``z_1`` (0 turns it off).
         inference_steps: Euler steps at inference.
-        hidden, channels: network widths.
-        lr, weight_decay: AdamW settings.
+        hidden: width of the hidden layers.
+        channels: conv widths of the image encoder.
+        lr: AdamW learning rate of every optimizer (paper: 1e-3).
+        weight_decay: AdamW weight decay (paper: 1e-3).
     """
 
     def __init__(

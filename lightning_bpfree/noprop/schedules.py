@@ -204,7 +204,8 @@ def ddim_update(z: Tensor, predicted_embedding: Tensor, alpha_bar_now: Tensor, a
     Args:
         z: ``[B, d]`` latent at the current time.
         predicted_embedding: ``u_hat``, ``[B, d]``.
-        alpha_bar_now, alpha_bar_next: scalars (or ``[B]``) in [0, 1).
+        alpha_bar_now: signal fraction at the current time, a scalar or ``[B]``, in [0, 1).
+        alpha_bar_next: signal fraction at the next time, a scalar or ``[B]``, in [0, 1).
 
     Returns:
         ``[B, d]``, the latent at the next time.

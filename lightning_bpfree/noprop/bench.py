@@ -1,0 +1,241 @@
+"""``bpfree noprop-bench``: NoProp-DT, -CT, -FM against backprop with the same backbone on Fashion-MNIST.
+
+For each method, in its own subprocess: first the peak resident memory of three training steps on one
+batch (above the interpreter's footprint after importing torch), then a Lightning fit on a training
+subset with test accuracy after every epoch and seconds per training epoch (evaluation excluded). Prints a table and
+writes ``noprop-bench.json``, ``noprop-bench.md`` and ``noprop-bench.png`` (accuracy against epochs,
+step memory) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Any
+
+import torch
+
+from lightning_bpfree.benchmarking import (
+    add_output_args,
+    format_table,
+    mib,
+    new_figure,
+    progress,
+    run_in_subprocess,
+    save_figure,
+    write_results,
+)
+
+NAME = "noprop-bench"
+METHODS = ("backprop", "noprop-dt", "noprop-ct", "noprop-fm")
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def _check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {METHODS}, got {unknown}")
+
+
+def build_module(method: str, num_blocks: int, hidden: int, channels: list[int], lr: float):
+    """The LightningModule of ``method`` (one of ``METHODS``) on 28x28 grey images, 10 classes."""
+    from lightning_bpfree.noprop.modules import BackpropBaseline, NoPropCT, NoPropDT, NoPropFM
+
+    _check_methods([method])
+    shared = dict(hidden=hidden, channels=tuple(channels), lr=lr)
+    if method == "backprop":
+        return BackpropBaseline(10, IMAGE_SHAPE, **shared)
+    if method == "noprop-dt":
+        return NoPropDT(10, IMAGE_SHAPE, num_blocks=num_blocks, **shared)
+    return (NoPropCT if method == "noprop-ct" else NoPropFM)(10, IMAGE_SHAPE, **shared)
+
+
+def train_config(
+    method: str,
+    epochs: int,
+    train_limit: int,
+    test_limit: int,
+    batch_size: int,
+    num_blocks: int,
+    hidden: int,
+    channels: list[int],
+    lr: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Fit ``method`` on the first ``train_limit`` training images; test accuracy after each epoch.
+
+    Returns ``accuracy`` (list, one per epoch, in [0, 1]), ``epoch_seconds`` (training only, no
+    evaluation), ``parameters`` and ``method``.
+    """
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bpfree.data import fashion_mnist
+
+    L.seed_everything(seed, verbose=False)
+    train = TensorDataset(*fashion_mnist("train", limit=train_limit))
+    test = TensorDataset(*fashion_mnist("test", limit=test_limit))
+    model = build_module(method, num_blocks, hidden, channels, lr)
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.accuracy: list[float] = []
+            self.epoch_seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self._start, self._validation = time.perf_counter(), 0.0
+
+        def on_validation_epoch_start(self, trainer, module) -> None:
+            self._validation_start = time.perf_counter()
+
+        def on_validation_epoch_end(self, trainer, module) -> None:
+            self._validation += time.perf_counter() - self._validation_start
+            self.accuracy.append(float(trainer.callback_metrics["val_acc"]))
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            # Lightning validates inside the training epoch; its time is not training time.
+            self.epoch_seconds.append(time.perf_counter() - self._start - self._validation)
+
+    record = Record()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record],
+    )  # fmt: skip
+    trainer.fit(
+        model,
+        DataLoader(train, batch_size=batch_size, shuffle=True),
+        DataLoader(test, batch_size=1000),
+    )
+    return {
+        "method": method,
+        "accuracy": record.accuracy,
+        "epoch_seconds": record.epoch_seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def measure(method: str, batch_size: int, num_blocks: int, hidden: int, channels: list[int], **fit_args: Any):
+    """Peak memory of a training step of ``method``, then :func:`train_config`; for :func:`run_in_subprocess`.
+
+    The step runs first, before Lightning is imported and data are loaded, so the peak RSS reached by
+    then (``step_peak_rss_bytes``) minus the RSS on entry (``entry_rss_bytes``) is the memory of the
+    model, its optimizer states and one step's activations.
+    """
+    entry = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_memory(method, batch_size, num_blocks, hidden, channels)
+    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = train_config(method, batch_size=batch_size, num_blocks=num_blocks, hidden=hidden, channels=channels,
+                          **fit_args)  # fmt: skip
+    return {**result, "entry_rss_bytes": entry, "step_peak_rss_bytes": step_peak}
+
+
+def step_memory(
+    method: str, batch_size: int, num_blocks: int, hidden: int, channels: list[int], steps: int = 3
+) -> None:
+    """Run ``steps`` training steps of ``method`` on one random batch (plain PyTorch, AdamW)."""
+    from lightning_bpfree.noprop.algorithms import NoPropCTNet, NoPropDTNet, NoPropFMNet, noprop_dt_step
+    from lightning_bpfree.noprop.backbone import BackpropClassifier
+
+    _check_methods([method])
+    torch.manual_seed(0)
+    images, labels = torch.rand(batch_size, *IMAGE_SHAPE), torch.randint(0, 10, (batch_size,))
+    shared = dict(hidden=hidden, channels=tuple(channels))
+    if method == "noprop-dt":
+        net = NoPropDTNet(10, IMAGE_SHAPE, num_blocks=num_blocks, **shared)
+        block_optimizers = [torch.optim.AdamW(block.parameters()) for block in net.blocks]
+        head_optimizer = torch.optim.AdamW(net.head_parameters())
+        for _ in range(steps):
+            noprop_dt_step(net, block_optimizers, head_optimizer, images, labels)
+        return
+    if method == "backprop":
+        net = BackpropClassifier(10, IMAGE_SHAPE, **shared)
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(net(images), labels)
+    else:
+        net = (NoPropCTNet if method == "noprop-ct" else NoPropFMNet)(10, IMAGE_SHAPE, **shared)
+
+        def loss_fn():
+            return net.loss(images, labels)[0]
+
+    optimizer = torch.optim.AdamW(net.parameters())
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+
+def _plot(results: dict[str, dict[str, Any]], path) -> None:
+    fig, (accuracy_axis, memory_axis) = new_figure(ncols=2, width=5.5, height=3.8)
+    for method, result in results.items():
+        epochs = range(1, len(result["accuracy"]) + 1)
+        accuracy_axis.plot(epochs, [100 * a for a in result["accuracy"]], marker="o", label=method)
+    accuracy_axis.set_xlabel("epoch")
+    accuracy_axis.xaxis.get_major_locator().set_params(integer=True)
+    accuracy_axis.set_ylabel("test accuracy (%)")
+    accuracy_axis.set_title("Fashion-MNIST")
+    accuracy_axis.grid(alpha=0.3)
+    accuracy_axis.legend()
+    names = list(results)
+    memory_axis.bar(names, [results[m]["step_memory_mib"] for m in names], color="tab:gray")
+    memory_axis.set_ylabel("MiB above imports")
+    memory_axis.set_title("peak RSS of a training step")
+    memory_axis.tick_params(axis="x", rotation=20)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bpfree noprop-bench", description=__doc__.splitlines()[0])
+    add_output_args(parser, NAME)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {METHODS}")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 5, quick 2)")
+    parser.add_argument("--train-limit", type=int, default=None, help="training images (default 6000, quick 1000)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images (default 2000, quick 500)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-blocks", type=int, default=10, help="NoProp-DT blocks T")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of every method")
+    args = parser.parse_args(argv)
+    _check_methods(args.methods)
+    epochs = args.epochs or (2 if args.quick else 5)
+    train_limit = args.train_limit or (1000 if args.quick else 6000)
+    test_limit = args.test_limit or (500 if args.quick else 2000)
+    model_args = dict(num_blocks=args.num_blocks, hidden=args.hidden, channels=args.channels)
+
+    results: dict[str, dict[str, Any]] = {}
+    for method in progress(args.methods, desc="noprop-bench"):
+        result = run_in_subprocess(
+            f"{__name__}:measure", method=method, epochs=epochs, train_limit=train_limit,
+            test_limit=test_limit, batch_size=args.batch_size, lr=args.lr, seed=args.seed, **model_args,
+        )  # fmt: skip
+        result["step_memory_mib"] = mib(result["step_peak_rss_bytes"] - result["entry_rss_bytes"])
+        results[method] = result
+
+    rows = [
+        {
+            "method": method,
+            "test acc (%)": 100 * r["accuracy"][-1],
+            "best acc (%)": 100 * max(r["accuracy"]),
+            "s / epoch": sorted(r["epoch_seconds"])[len(r["epoch_seconds"]) // 2],
+            "step memory (MiB)": r["step_memory_mib"],
+            "parameters": r["parameters"],
+        }
+        for method, r in results.items()
+    ]
+    table = format_table(rows)
+    print(
+        f"Fashion-MNIST: {train_limit} training images, {test_limit} test images, {epochs} epochs, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads in the parent"
+    )
+    print(table)
+    config = dict(vars(args), epochs=epochs, train_limit=train_limit, test_limit=test_limit, out=str(args.out))
+    write_results(args.out, NAME, {"config": config, "results": results, "table": rows}, table)
+    _plot(results, args.out / f"{NAME}.png")
+    print(f"wrote {args.out}/{NAME}.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
