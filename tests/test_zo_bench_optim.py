@@ -231,8 +231,8 @@ class LiveNoise:
         self.live = self.peak = 0
         original = SeededNoise.draw
 
-        def draw(noise, seed, numel, device):
-            z = original(noise, seed, numel, device)
+        def draw(noise, seed, numel, device, out=None):
+            z = original(noise, seed, numel, device, out)
             self.live += numel
             self.peak = max(self.peak, self.live)
             weakref.finalize(z, self._release, numel)

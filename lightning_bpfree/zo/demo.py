@@ -69,12 +69,20 @@ def corpus_blocks(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 class StepRecorder(pl.Callback):
-    """Records the wall-clock seconds and the ZO loss of every training step."""
+    """Records the wall-clock seconds and the loss of every training step, and the seconds of every
+    validation batch (``validation_seconds``)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.losses: list[float] = []
+        self.validation_seconds: list[float] = []
         self._start = 0.0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.validation_seconds.append(time.perf_counter() - self._start)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()

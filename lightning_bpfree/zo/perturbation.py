@@ -77,17 +77,29 @@ class SeededNoise:
         self.__dict__.update(state)
         self._local, self._pool = threading.local(), None
 
-    def draw(self, seed: int, numel: int, device: torch.device) -> torch.Tensor:
-        """The float32 noise vector ``[numel]`` for one chunk seed."""
+    def draw(self, seed: int, numel: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 noise vector ``[numel]`` for one chunk seed (written into ``out[:numel]`` if given)."""
         generators = self._local.__dict__.setdefault("generators", {})
         generator = generators.get(device)
         if generator is None:
             generator = generators[device] = torch.Generator(device=device)
         generator.manual_seed(seed)
-        z = torch.empty(numel, dtype=torch.float32, device=device).normal_(generator=generator)
+        z = torch.empty(numel, dtype=torch.float32, device=device) if out is None else out[:numel]
+        z.normal_(generator=generator)
         if self.distribution == "rademacher":
-            z = torch.where(z < 0, -1.0, 1.0)
+            z.ge_(0).mul_(2).sub_(1)
         return z
+
+    def _buffer(self, numel: int, device: torch.device) -> torch.Tensor | None:
+        # One noise buffer per worker thread, reused by every chunk: allocating a fresh chunk in each
+        # worker would leave freed chunks resident in the threads' malloc arenas (tens of MB of RSS).
+        if numel > self.chunk_numel:
+            return None
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(device)
+        if buffer is None:
+            buffer = buffers[device] = torch.empty(self.chunk_numel, dtype=torch.float32, device=device)
+        return buffer
 
     def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None):
         """``(param_index, chunk_number, start, values)`` for every chunk of every parameter."""
@@ -103,7 +115,7 @@ class SeededNoise:
                 yield index, chunk, start, flat[start : start + self.chunk_numel]
 
     def _chunk_noise(self, seed: int, index: int, chunk: int, values: torch.Tensor) -> torch.Tensor:
-        z = self.draw(mix_seed(seed, index, chunk), values.numel(), values.device)
+        z = self.draw(mix_seed(seed, index, chunk), values.numel(), values.device, self._buffer(values.numel(), values.device))
         return z if values.dim() == 1 else z.view(values.shape)  # a non-contiguous parameter, processed whole
 
     def _run(self, tasks: list, run: Callable[[tuple], None]) -> None:
@@ -125,7 +137,8 @@ class SeededNoise:
 
         ``param_indices[i]`` is the index that seeds ``params[i]`` (default ``i``): keep it fixed
         for a parameter across calls so that it always gets the same noise for the same seed.
-        ``fn`` may modify ``values`` in place; it runs on worker threads on CPU.
+        ``fn`` may modify ``values`` in place; it runs on worker threads on CPU. ``z`` lives in a
+        buffer reused by the next chunk: copy it if it must outlive the call.
         """
 
         def run(task: tuple) -> None:
