@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.datasets = args.datasets if argv and "--datasets" in argv else ["random", "expert"]
         args.seeds = 1
-    steps = args.steps or (300 if args.quick else 1000)
-    eval_every = args.eval_every or max(steps // 5, 1)
+    steps = args.steps or (200 if args.quick else 600)
+    eval_every = args.eval_every or max(steps // 4, 1)
     transitions = args.transitions or (2_000 if args.quick else 20_000)
     if steps <= 0 or eval_every <= 0 or transitions <= 0 or args.seeds <= 0:
         parser.error("--steps, --eval-every, --transitions and --seeds must be positive")
