@@ -9,6 +9,7 @@ from lightning_bpfree.fp4 import (
     FORMATS,
     UE4M3,
     UE5M3,
+    FP4Format,
     dequantize,
     fake_quantize,
     hadamard_matrix,
@@ -148,15 +149,21 @@ def test_mxfp4_scales_floor_rule_and_round_up_variant():
 
 
 def test_ue5m3_range_beyond_e4m3():
+    raw = FP4Format("ue5m3_raw", 16, UE5M3)  # the scale format alone, without a tensor scale
     x = torch.zeros(2, 16)
     x[0, 0] = 360000.0  # scale 60000 rounds to 61440 = 1.875 * 2^15, the UE5M3 max
     x[1, 0] = 6 * 2.0**-17  # scale 2^-17, the smallest UE5M3 subnormal (code 1)
-    q = quantize(x, "ue5m3")
+    q = quantize(x, raw)
     assert q.block_scales().flatten().tolist() == [61440.0, 2.0**-17]
     assert q.scale_bits.flatten().tolist() == [0b11110111, 1]
     out = dequantize(q)
     assert out[0, 0].item() == 6 * 61440.0 and out[1, 0].item() == x[1, 0].item()
-    assert fake_quantize(x, "ue4m3")[1, 0].item() == 0.0  # E4M3 scales underflow there
+    # The "ue5m3" format adds the FP32 tensor scale (target 448): a block 10^6 times below the tensor's
+    # amax still gets a scale (10 * 2^-17), where an E4M3 block scale underflows to 0.
+    y = torch.zeros(2, 16)
+    y[0, 0], y[1, 0] = 6.0, 1e-6
+    assert quantize(y, "ue5m3").scale_bits[1].item() == 10 and fake_quantize(y, "nvfp4")[1, 0].item() == 0.0
+    assert abs(fake_quantize(y, "ue5m3")[1, 0].item() - 1e-6) < 0.1e-6
 
 
 def test_ue4m3_scale_format_matches_torch_float8():

@@ -8,7 +8,7 @@ format        block  block scale                 tensor scale
 ============  =====  ==========================  ======================================
 ``nvfp4``     16     UE4M3 (bias 7, max 448)     FP32, maps the tensor amax to 6 * 448
 ``ue4m3``     16     UE4M3 (bias 7, max 448)     none
-``ue5m3``     16     UE5M3 (bias 15, max 61440)  none
+``ue5m3``     16     UE5M3 (bias 15, max 61440)  FP32, maps the tensor amax to 6 * 448
 ``mxfp4``     32     E8M0 (power of two)         none; OCP rule ``2^(floor(log2 amax) - 2)``
 ``mxfp4_ceil`` 32    E8M0 (power of two)         none; round-up rule ``2^ceil(log2(amax / 6))``
 ============  =====  ==========================  ======================================
@@ -146,7 +146,7 @@ class FP4Format:
 FORMATS: dict[str, FP4Format] = {
     "nvfp4": FP4Format("nvfp4", 16, UE4M3, "chain", tensor_scale_target=448.0),
     "ue4m3": FP4Format("ue4m3", 16, UE4M3, "chain"),
-    "ue5m3": FP4Format("ue5m3", 16, UE5M3, "chain"),
+    "ue5m3": FP4Format("ue5m3", 16, UE5M3, "chain", tensor_scale_target=448.0),
     "mxfp4": FP4Format("mxfp4", 32, E8M0, "mx_floor"),
     "mxfp4_ceil": FP4Format("mxfp4_ceil", 32, E8M0, "mx_ceil"),
 }
