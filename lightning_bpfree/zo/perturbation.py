@@ -59,7 +59,7 @@ class SeededNoise:
             processed in order on the current stream.
     """
 
-    def __init__(self, distribution: str = "gaussian", chunk_numel: int = 1 << 20, num_threads: int | None = None):
+    def __init__(self, distribution: str = "gaussian", chunk_numel: int = 1 << 18, num_threads: int | None = None):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"perturbation must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if chunk_numel < 1:
