@@ -213,3 +213,16 @@ def test_guidance_without_negative_conditioning_is_rejected():
     sampler = AdjointSampler(tiny_cond_unet(), DDIMScheduler(), num_steps=2, guidance_scale=2.0)
     with pytest.raises(ValueError, match="negative_encoder_hidden_states"):
         sampler(torch.randn(1, 2, 8, 8), torch.randn(1, 5, 8))
+
+
+@pytest.mark.parametrize("method", ["midpoint", "explicit_adams"])
+def test_other_solvers_give_adjoint_gradients_close_to_their_backprop(method):
+    unet = tiny_cond_unet()
+    x_T, cond = torch.randn(1, 2, 8, 8), torch.randn(1, 5, 8)
+    _, adjoint = _loss_and_grads(unet, x_T, cond, 8, method, adjoint=True)
+    _, direct = _loss_and_grads(unet, x_T, cond, 8, method, adjoint=False)
+    _, euler_adjoint = _loss_and_grads(unet, x_T, cond, 8, "euler", adjoint=True)
+    _, euler_direct = _loss_and_grads(unet, x_T, cond, 8, "euler", adjoint=False)
+    for name in ("x_T", "weights"):
+        gap = _relative_error(adjoint[name], direct[name])
+        assert gap < 0.75 * _relative_error(euler_adjoint[name], euler_direct[name]), (method, name, gap)

@@ -59,7 +59,10 @@ class AdjointDPMCustomization(pl.LightningModule):
         objective: differentiable ``x_0 [B, C, H, W] -> loss``; a ``nn.Module`` is registered as a submodule
             (so it moves with the LightningModule) but never optimized.
         target: ``"weights"``, ``"conditioning"`` or ``"noise"``.
-        num_steps, method, adjoint, guidance_scale: passed to :class:`AdjointSampler`.
+        num_steps: sampling steps (see :class:`AdjointSampler`).
+        method: fixed-grid solver (see :class:`AdjointSampler`).
+        adjoint: adjoint ODE (True) or direct backprop (False) through the sampler.
+        guidance_scale: classifier-free guidance weight; needs ``negative_conditioning`` when not 1.
         lr: Adam learning rate.
         batch_size: samples per step for ``"weights"`` and default ``"noise"``.
         sample_shape: ``(C, H, W)``; default from ``unet.config`` (``in_channels``, ``sample_size``).
