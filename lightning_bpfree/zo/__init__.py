@@ -7,7 +7,28 @@ sparsity, schemes) load without Lightning.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and the API docs; at run time names load on first use
+    from lightning_bpfree.zo.blocks import find_blocks
+    from lightning_bpfree.zo.callback import ZerothOrder
+    from lightning_bpfree.zo.hybrid import FirstOrderPart
+    from lightning_bpfree.zo.optim import (
+        OPTIMIZERS,
+        ZOSGD,
+        ForwardGradient,
+        ZOAdam,
+        ZOEstimate,
+        ZOOptimizer,
+        ZOSGDConservative,
+        ZOSGDMomentum,
+        ZOSGDSign,
+        make_optimizer,
+    )
+    from lightning_bpfree.zo.peft_schemes import SCHEMES, apply_scheme
+    from lightning_bpfree.zo.perturbation import SeededNoise, mix_seed
+    from lightning_bpfree.zo.sparsity import GradientSparsity
+    from lightning_bpfree.zo.strategy import ZODataParallelStrategy
 
 _EXPORTS = {
     "ZerothOrder": "lightning_bpfree.zo.callback",
@@ -31,7 +52,12 @@ _EXPORTS = {
     "apply_scheme": "lightning_bpfree.zo.peft_schemes",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "OPTIMIZERS", "SCHEMES", "FirstOrderPart", "ForwardGradient", "GradientSparsity", "SeededNoise", "ZOAdam",
+    "ZODataParallelStrategy", "ZOEstimate", "ZOOptimizer", "ZOSGD", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
+    "ZerothOrder", "apply_scheme", "find_blocks", "make_optimizer", "mix_seed",
+]  # fmt: skip
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,8 @@ LEARNING_RATES = {
 }  # fmt: skip
 
 
-def _char_blocks(texts: list[str], seq_len: int) -> torch.Tensor:
+def char_blocks(texts: list[str], seq_len: int) -> torch.Tensor:
+    """Character tokens (ASCII codes, vocabulary 128; ``\x01`` between texts) cut into ``[N, seq_len]`` blocks."""
     ids = [min(ord(c), 127) for c in "\x01".join(texts)]
     usable = len(ids) // seq_len * seq_len
     return torch.tensor(ids[:usable], dtype=torch.int64).view(-1, seq_len)
@@ -60,7 +61,7 @@ def load_task(model_name: str, seq_len: int, seed: int):
         from lightning_bpfree.models import tiny_causal_lm
 
         model = tiny_causal_lm("llama", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, seed=seed)
-        return model, _char_blocks(train_texts, seq_len), _char_blocks(held_out_texts, seq_len)
+        return model, char_blocks(train_texts, seq_len), char_blocks(held_out_texts, seq_len)
     if model_name == "smollm2":
         from lightning_bpfree.models import load_smollm2
 
@@ -172,6 +173,8 @@ def run_config(
         if first_order is not None:
             state_bytes += _tensor_bytes(t for s in first_order.optimizer.state.values() for t in s.values())
     state_bytes += _tensor_bytes(p.grad for p in net.parameters())
+    if "sparsity" in options:
+        state_bytes += _tensor_bytes(options["sparsity"].masks.values())
     steady = times[1:] or times
     return {
         "model": model, "method": method, "scheme": scheme, "enhancement": enhancement, "lr": lr, "steps": steps,
@@ -230,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps per configuration")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks evaluated")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per configuration (default 1 for tiny, else BPFREE_THREADS or all cores)")
-    parser.add_argument("--only", nargs="*", default=None, help="keep the rows whose label contains one of these")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these rows (labels as in the table, e.g. zo-sgd 'zo-sgd lora')")
     args = parser.parse_args(argv)
     model = args.model or ("tiny" if args.quick else "smollm2")
     steps = args.steps or (20 if args.quick else 40 if model == "smollm2" else 200)
@@ -243,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if model == "tiny" else torch_threads())
     rows_spec = configurations(args.quick)
     if args.only:
-        rows_spec = [r for r in rows_spec if any(key in label(r) for key in args.only)]
+        unknown = sorted(set(args.only) - {label(r) for r in rows_spec})
+        if unknown:
+            raise ValueError(f"--only takes row labels among {[label(r) for r in rows_spec]}, got {unknown}")
+        rows_spec = [r for r in rows_spec if label(r) in args.only]
     rows = []
     for spec in progress(rows_spec, desc="zo-bench", unit="config"):
         result = run_in_subprocess("lightning_bpfree.zo.bench:run_config", threads=threads, model=model, steps=steps,
-                                   batch_size=batch_size, seq_len=seq_len, seed=args.seed, **spec)  # fmt: skip
+                                   batch_size=batch_size, seq_len=seq_len, seed=args.seed,
+                                   eval_blocks=args.eval_blocks, **spec)  # fmt: skip
         rows.append(result)
     table_rows = [
         {
