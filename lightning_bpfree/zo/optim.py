@@ -132,7 +132,7 @@ class ZOOptimizer(Optimizer):
         num_queries: int = 1,
         seed: int | None = None,
         exact_restore: bool | None = None,
-        chunk_numel: int = 1 << 18,
+        chunk_numel: int | None = None,
         num_threads: int | None = None,
         blocks: Any = None,
         sparsity: Any = None,

@@ -54,18 +54,20 @@ class SeededNoise:
         distribution: ``"gaussian"`` (standard normal) or ``"rademacher"`` (+1 / -1 with
             probability 1/2 each).
         chunk_numel: the most elements drawn at once (bounds the temporary memory to
-            ``4 * chunk_numel`` bytes per worker).
+            ``4 * chunk_numel`` bytes per worker). Default: 2^18 (1 MiB) on CPU, where the
+            chunks feed a thread pool, and 2^22 (16 MiB) on accelerators, where each chunk costs
+            kernel launches.
         num_threads: CPU worker threads; default ``torch.get_num_threads()``. CUDA tensors are
             processed in order on the current stream.
     """
 
-    def __init__(self, distribution: str = "gaussian", chunk_numel: int = 1 << 18, num_threads: int | None = None):
+    def __init__(self, distribution: str = "gaussian", chunk_numel: int | None = None, num_threads: int | None = None):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"perturbation must be one of {DISTRIBUTIONS}, got {distribution!r}")
-        if chunk_numel < 1:
-            raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+        if chunk_numel is not None and chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be >= 1 or None, got {chunk_numel}")
         self.distribution = distribution
-        self.chunk_numel = int(chunk_numel)
+        self.chunk_numel = None if chunk_numel is None else int(chunk_numel)
         self.num_threads = num_threads
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
@@ -90,15 +92,22 @@ class SeededNoise:
             z.ge_(0).mul_(2).sub_(1)
         return z
 
+    def chunk_size(self, device: torch.device) -> int:
+        """Elements per chunk for tensors on ``device``."""
+        if self.chunk_numel is not None:
+            return self.chunk_numel
+        return 1 << 18 if torch.device(device).type == "cpu" else 1 << 22
+
     def _buffer(self, numel: int, device: torch.device) -> torch.Tensor | None:
         # One noise buffer per worker thread, reused by every chunk: allocating a fresh chunk in each
         # worker would leave freed chunks resident in the threads' malloc arenas (tens of MB of RSS).
-        if numel > self.chunk_numel:
+        chunk_numel = self.chunk_size(device)
+        if numel > chunk_numel:
             return None
         buffers = self._local.__dict__.setdefault("buffers", {})
         buffer = buffers.get(device)
         if buffer is None:
-            buffer = buffers[device] = torch.empty(self.chunk_numel, dtype=torch.float32, device=device)
+            buffer = buffers[device] = torch.empty(chunk_numel, dtype=torch.float32, device=device)
         return buffer
 
     def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None):
@@ -111,8 +120,9 @@ class SeededNoise:
                 yield index, 0, 0, data
                 continue
             flat = data.view(-1)
-            for chunk, start in enumerate(range(0, flat.numel(), self.chunk_numel)):
-                yield index, chunk, start, flat[start : start + self.chunk_numel]
+            size = self.chunk_size(flat.device)
+            for chunk, start in enumerate(range(0, flat.numel(), size)):
+                yield index, chunk, start, flat[start : start + size]
 
     def _chunk_noise(self, seed: int, index: int, chunk: int, values: torch.Tensor) -> torch.Tensor:
         z = self.draw(mix_seed(seed, index, chunk), values.numel(), values.device, self._buffer(values.numel(), values.device))
