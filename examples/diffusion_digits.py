@@ -91,16 +91,21 @@ def train_classifier(images, labels, steps: int = 400) -> tuple[nn.Module, float
 
 
 class ClassLoss(nn.Module):
-    """``-log p(class | x_0)`` per sample under a frozen classifier."""
+    """Per sample, ``-log p(class | x_0)`` or, with ``bounded=True``, ``1 - p(class | x_0)``.
 
-    def __init__(self, classifier: nn.Module, target_class: int) -> None:
+    The bounded form stops pushing once a sample is confidently in the class, which slows the drift of a
+    fine-tuned model towards images that only fool the classifier (reward hacking).
+    """
+
+    def __init__(self, classifier: nn.Module, target_class: int, bounded: bool = False) -> None:
         super().__init__()
         self.classifier = classifier
         self.target_class = target_class
+        self.bounded = bounded
 
     def forward(self, x_0: torch.Tensor) -> torch.Tensor:
-        labels = torch.full((x_0.shape[0],), self.target_class, dtype=torch.long, device=x_0.device)
-        return F.cross_entropy(self.classifier(x_0), labels, reduction="none")
+        log_probs = self.classifier(x_0).log_softmax(dim=1)[:, self.target_class]
+        return 1.0 - log_probs.exp() if self.bounded else -log_probs
 
 
 def class_fraction(classifier: nn.Module, samples: torch.Tensor, target_class: int) -> float:
@@ -139,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-class", type=int, default=3)
     parser.add_argument("--weights-class", type=int, default=7)
     parser.add_argument("--noise-steps", type=int, default=40, help="optimizer steps on x_T")
-    parser.add_argument("--weights-steps", type=int, default=60, help="optimizer steps on the UNet weights")
+    parser.add_argument("--weights-steps", type=int, default=40, help="optimizer steps on the UNet weights")
+    parser.add_argument("--weights-lr", type=float, default=1e-4)
+    parser.add_argument("--unet-cache", type=Path, default=None, help="reuse / save the trained DDPM weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     )
-    loader = DataLoader(TensorDataset(images), batch_size=128, shuffle=True, drop_last=True)
-    trainer(args.ddpm_steps, args.out).fit(DenoiserTraining(unet, max_steps=args.ddpm_steps), loader)
+    if args.unet_cache is not None and args.unet_cache.exists():
+        unet.load_state_dict(torch.load(args.unet_cache))
+    else:
+        loader = DataLoader(TensorDataset(images), batch_size=128, shuffle=True, drop_last=True)
+        trainer(args.ddpm_steps, args.out).fit(DenoiserTraining(unet, max_steps=args.ddpm_steps), loader)
+        if args.unet_cache is not None:
+            torch.save(unet.state_dict(), args.unet_cache)
     unet.eval()
 
     classifier, accuracy = train_classifier(images, labels)
@@ -192,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # (b) fine-tune the weights; held-out noise measures generalization to new samples
     held_out = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(12345))
-    weights_goal = ClassLoss(classifier, args.weights_class)
+    weights_goal = ClassLoss(classifier, args.weights_class, bounded=True)
     tuning = AdjointDPMCustomization(
         unet,
         scheduler,
         weights_goal,
         "weights",
         num_steps=args.sampling_steps,
-        lr=3e-4,
+        lr=args.weights_lr,
         batch_size=16,
         parameter_filter="up_blocks|conv_out",
         seed=args.seed,
