@@ -53,17 +53,31 @@ NAME = "attribution-bench"
 Method = Callable[[Any, Tensor, int, torch.Generator], Tensor]
 
 
-def methods(reagent_options: dict[str, Any], ig_steps: int, attention: bool = True) -> dict[str, Method]:
-    """The compared attributions, each ``(model, input_ids [N], target_id, generator) -> [N]``."""
+def methods(
+    reagent_options: dict[str, Any], ig_steps: int, reagent_log: list[dict[str, float]] | None = None
+) -> dict[str, Method]:
+    """The compared attributions, each ``(model, input_ids [N], target_id, generator) -> [N]``.
+
+    ``reagent_log`` (if given) receives each ReAGent run's mean probe steps, converged share and forward passes.
+    """
+
+    def reagent(m, x, y, g) -> Tensor:
+        result = reagent_attribution(m, x, y, generator=g, return_details=True, **reagent_options)
+        if reagent_log is not None:
+            reagent_log.append(
+                {"mean_probe_steps": float(result.probe_steps.float().mean()),
+                 "converged_share": float(result.converged.float().mean()),
+                 "forward_passes": result.forward_passes}
+            )  # fmt: skip
+        return result.importance
+
     table: dict[str, Method] = {
-        "ReAGent": lambda m, x, y, g: reagent_attribution(m, x, y, generator=g, **reagent_options),
+        "ReAGent": reagent,
         "gradient x input": lambda m, x, y, g: gradient_x_input(m, x, y, method="backward"),
         "integrated gradients": lambda m, x, y, g: integrated_gradients(m, x, y, steps=ig_steps),
         "attention (last layer)": lambda m, x, y, g: attention_attribution(m, x),
         "random": lambda m, x, y, g: random_attribution(x, generator=g),
     }
-    if not attention:
-        del table["attention (last layer)"]
     return table
 
 
@@ -227,6 +241,11 @@ def instruction_rows(model, tokenizer, count: int, response_tokens: int, text_to
     return {"records": records, "jvp_check": check}
 
 
+def summarize_runs(log: list[dict[str, float]]) -> dict[str, float]:
+    """Means over ReAGent runs: probe steps, share of probes that met the stopping rule, forward passes."""
+    return {key: sum(run[key] for run in log) / max(1, len(log)) for key in log[0]} if log else {}
+
+
 def summarize_instructions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for label, flag in (("followed", True), ("not followed", False)):
@@ -286,10 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruction-prompts", type=int, default=12, help="SmolLM2 instruction prompts")
     parser.add_argument("--toy-prompts", type=int, default=30, help="retrieval prompts on the toy model")
     parser.add_argument("--num-probes", type=int, default=8, help="ReAGent probes (the paper: 16)")
-    parser.add_argument("--max-probe-steps", type=int, default=300)
+    parser.add_argument("--max-probe-steps", type=int, default=60, help="ReAGent step cap (the paper: 3000-5000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default BPFREE_THREADS or cores)")
     args = parser.parse_args(argv)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or torch_threads())
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.quick:
         args.toy_prompts = min(args.toy_prompts, 10)
@@ -298,10 +325,18 @@ def main(argv: list[str] | None = None) -> int:
 
     toy_model = train_retrieval_model(seed=args.seed)
     ids, answers, asked = retrieval_batch(args.toy_prompts, torch.Generator().manual_seed(args.seed + 100))
-    toy_methods = methods({"num_probes": 16, "keep_top_n": 2, "stopping_top_k": 1}, ig_steps=32)
+    toy_log: list[dict[str, float]] = []
+    toy_options = {"num_probes": 16, "keep_top_n": 2, "stopping_top_k": 1, "max_probe_steps": args.max_probe_steps}
+    toy_methods = methods(toy_options, ig_steps=32, reagent_log=toy_log)
     toy_rows, _ = faithfulness_rows(toy_model, list(ids), toy_methods, args.seed, "toy retrieval", asked)
     figures["toy_retrieval"] = toy_rows
-    tables = ["## Toy key-value retrieval (answer-bearing token known)", format_table(toy_rows)]
+    figures["toy_reagent_runs"] = toy_log
+    tables = [
+        "## Toy key-value retrieval (answer-bearing token known)",
+        format_table(toy_rows),
+        "ReAGent runs (means):",
+        format_table([summarize_runs(toy_log)]),
+    ]
 
     smol_rows = records = None
     if not args.quick:
@@ -313,12 +348,19 @@ def main(argv: list[str] | None = None) -> int:
             "num_probes": args.num_probes, "max_probe_steps": args.max_probe_steps,
             "exclude_ids": list(tokenizer.all_special_ids),
         }  # fmt: skip
+        smol_log: list[dict[str, float]] = []
         smol_rows, attributions = faithfulness_rows(
-            model, prompts, methods(reagent_options, ig_steps=10), args.seed, "SmolLM2 faithfulness"
+            model, prompts, methods(reagent_options, 10, smol_log), args.seed, "SmolLM2 faithfulness"
         )
         figures["smollm2_faithfulness"] = smol_rows
+        figures["smollm2_reagent_runs"] = smol_log
         figures["smollm2_prompts"] = [tokenizer.decode(p) for p in prompts]
-        tables += ["## SmolLM2-135M-Instruct: faithfulness of next-token explanations", format_table(smol_rows)]
+        tables += [
+            "## SmolLM2-135M-Instruct: faithfulness of next-token explanations",
+            format_table(smol_rows),
+            "ReAGent runs (means):",
+            format_table([summarize_runs(smol_log)]),
+        ]
         tokens = token_strings(tokenizer, prompts[0])
         with torch.no_grad():
             target = tokenizer.decode([int(next_token_logits(model, prompts[0][None])[0].argmax())])

@@ -9,6 +9,8 @@ token is necessary too (it says which pair to read), so it is left out of that r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -35,8 +37,12 @@ def retrieval_batch(size: int, generator: torch.Generator) -> tuple[Tensor, Tens
     return ids, PAIR0 + values[rows, asked], asked
 
 
+@functools.lru_cache(maxsize=2)
 def train_retrieval_model(steps: int = 450, batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """A one-layer GPT-2 (d=64) trained to answer retrieval prompts (about 99% accuracy; seconds on CPU)."""
+    """A one-layer GPT-2 (d=64) trained to answer retrieval prompts (about 99% accuracy; seconds on CPU).
+
+    Cached per arguments within a process (treat the returned model as read-only).
+    """
     from lightning_bpfree.models import tiny_causal_lm
 
     model = tiny_causal_lm("gpt2", vocab_size=VOCAB_SIZE, hidden_size=64, num_layers=1, num_heads=4, seed=seed)
