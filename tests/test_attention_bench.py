@@ -15,15 +15,6 @@ from lightning_bpfree.attention.lightning import ViTClassifier
 from lightning_bpfree.attention.vit import SoftmaxAttention, TinyViT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads waiting on each other run up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fitted_exponent_recovers_power_laws():
     lengths = [1024, 2048, 4096, 8192]
     assert fitted_exponent(lengths, [3e-9 * n**2 for n in lengths]) == pytest.approx(2.0)

@@ -12,15 +12,6 @@ from lightning_bpfree.attention import SOFTAttention, SOFTKernelAttention, gauss
 from lightning_bpfree.attention.soft import grid_pooling_matrix, segment_pooling_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads waiting on each other run up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spd_matrix(n: int, condition: float, seed: int = 0) -> torch.Tensor:
     """A float64 SPD matrix with eigenvalues log-spaced from 1 down to 1 / condition."""
     generator = torch.Generator().manual_seed(seed)

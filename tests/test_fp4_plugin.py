@@ -20,15 +20,6 @@ from lightning_bpfree.models import tiny_causal_lm
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Elementwise kernels with 2 OpenMP threads stall badly on a shared, loaded CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(plugin, max_steps, tmp_path=None, **kwargs):
     return pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,

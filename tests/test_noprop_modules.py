@@ -21,15 +21,6 @@ from lightning_bpfree.noprop import (
 SMALL = dict(hidden=32, channels=(8, 16))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny networks run fastest on one thread, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(n=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)

@@ -16,15 +16,6 @@ from lightning_bpfree.noprop.schedules import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny networks run fastest on one thread, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cosine_schedule_matches_closed_form():
     steps, offset, clip = 10, 0.008, 0.999
     alpha_bar = cosine_alpha_bar(steps, offset, clip)
