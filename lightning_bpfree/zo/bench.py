@@ -189,7 +189,7 @@ def run_config(
     }  # fmt: skip
 
 
-def configurations(quick: bool) -> list[dict[str, str]]:
+def configurations() -> list[dict[str, str]]:
     """The rows: every optimizer on full fine-tuning, ZO-SGD on each peft scheme, ZO-SGD with each enhancement."""
     rows = [{"method": m, "scheme": "full", "enhancement": "none"} for m in OPTIMIZER_ROWS]
     rows += [{"method": "zo-sgd", "scheme": s, "enhancement": "none"} for s in SCHEME_ROWS]
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1 or batch_size < 1 or seq_len < 2:
         raise ValueError("--steps and --batch-size must be >= 1 and --seq-len >= 2")
     threads = args.threads or (1 if model == "tiny" else torch_threads())
-    rows_spec = configurations(args.quick)
+    rows_spec = configurations()
     if args.only:
         unknown = sorted(set(args.only) - {label(r) for r in rows_spec})
         if unknown:
