@@ -21,21 +21,22 @@ from lightning_bpfree.models import load_smollm2
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--text", default="The capital of France is Paris, and the capital of Germany is")
+    parser.add_argument("--text", default="Object for parsing command line strings into Python objects.")
     parser.add_argument("--out", type=Path, default=Path("attribution-example"))
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
     input_ids = torch.tensor(tokenizer(args.text, add_special_tokens=False)["input_ids"])
     result = reagent_attribution(
-        model, input_ids, num_probes=8, exclude_ids=tokenizer.all_special_ids,
+        model, input_ids, num_probes=8, max_probe_steps=100, exclude_ids=tokenizer.all_special_ids,
         generator=torch.Generator().manual_seed(0), return_details=True,
     )  # fmt: skip
     target = tokenizer.decode([result.target_id])
     grad_x_input = gradient_x_input(model, input_ids, result.target_id)  # forward-mode AD, no backward pass
 
     tokens = token_strings(tokenizer, input_ids)
-    print(f"next token {target!r} (p={result.target_prob:.3f}); ReAGent used {result.forward_passes} forward passes")
+    print(f"next token {target!r} (p={result.target_prob:.3f}); ReAGent: {result.forward_passes} forward passes, "
+          f"{int(result.converged.sum())}/{result.converged.numel()} probes met the stopping rule")  # fmt: skip
     for name, importance in (("ReAGent", result.importance), ("gradient x input", grad_x_input)):
         sufficiency = SoftSufficiency(model, num_samples=4, normalization="rank")
         comprehensiveness = SoftComprehensiveness(model, num_samples=4, normalization="rank")

@@ -33,7 +33,7 @@ class ReAGentCallback(Callback):
         model_attr: attribute of the LightningModule holding the causal LM (``"model"``); when the
             module has no such attribute the LightningModule itself is called with ``input_ids``.
         faithfulness: also compute Soft-NS / Soft-NC of each explanation (needs ``inputs_embeds``
-            support; two extra forward passes per prompt).
+            support; six extra single-sequence forward passes per prompt).
         seed: probes of prompt i use ``torch.Generator().manual_seed(seed + i)``, so reruns repeat.
         **reagent_options: passed to ``reagent_attribution`` (``num_probes``, ``keep_top_n``, ...).
     """

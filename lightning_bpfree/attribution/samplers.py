@@ -136,9 +136,9 @@ class LanguageModelTokenSampler:
         return table
 
     def __call__(self, input_ids: Tensor, replace_mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # ReAGent's probes are copies of one sequence, so one proposal table serves every row.
         table = self.proposals(input_ids[0].cpu())
-        batch, length = input_ids.shape
-        draws = torch.multinomial(table, batch, replacement=True, generator=generator)  # [N, B]
+        draws = torch.multinomial(table, input_ids.shape[0], replacement=True, generator=generator)  # [N, B]
         return draws.T.contiguous().to(input_ids.device)
 
 
