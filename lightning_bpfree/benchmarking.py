@@ -18,20 +18,40 @@ from pathlib import Path
 from typing import Any
 
 _CHILD = r"""
-import importlib, json, resource, sys, time
+import importlib, json, sys
 spec = json.loads(sys.argv[1])
 module_name, function_name = spec["target"].split(":")
 function = getattr(importlib.import_module(module_name), function_name)
 import torch
+from lightning_bpfree.benchmarking import peak_rss_bytes
 torch.set_num_threads(spec["threads"])
-baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+baseline_rss = peak_rss_bytes()
 result = function(**spec["kwargs"]) or {}
-result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result["peak_rss_bytes"] = peak_rss_bytes()
 result["import_rss_bytes"] = baseline_rss
 if torch.cuda.is_available() and torch.cuda.is_initialized():
     result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
 print("@@RESULT@@" + json.dumps(result))
 """
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``, which starts afresh at ``exec``;
+    ``getrusage``'s ``ru_maxrss`` (used elsewhere) carries over the parent's resident size from
+    the ``fork``, so a child started by a large parent would report at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_in_subprocess(

@@ -26,6 +26,7 @@ from lightning_bpfree.benchmarking import (
     median_seconds,
     mib,
     new_figure,
+    peak_rss_bytes,
     progress,
     run_in_subprocess,
     save_figure,
@@ -70,8 +71,7 @@ def scaling_series(
     in increasing order; with ``--quick`` several share a process, and memory the allocator kept from a
     shorter length can hide part of a longer one's; the full benchmark gives every length its own process.
     """
-    import resource
-
+    
     import psutil
     import torch
 
@@ -83,7 +83,7 @@ def scaling_series(
         step = functools.partial(_forward_backward, forward, x)
         rss_before = psutil.Process().memory_info().rss
         seconds.append(median_seconds(step, repeats=repeats, warmup=1))
-        extra.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+        extra.append(peak_rss_bytes() - rss_before)
         del forward, x, step
     return {"seconds": seconds, "extra_bytes": extra}
 

@@ -27,6 +27,7 @@ from lightning_bpfree.benchmarking import (
     format_table,
     mib,
     new_figure,
+    peak_rss_bytes,
     progress,
     run_in_subprocess,
     save_figure,
@@ -87,7 +88,7 @@ def gradient_run(
     start = time.perf_counter()
     sample_loss(sampler(x_T, conditioning)).backward()
     seconds = time.perf_counter() - start
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_after = peak_rss_bytes()
     grads = {
         "x_T": x_T.grad.flatten(),
         "conditioning": conditioning.grad.flatten(),

@@ -10,7 +10,6 @@ step memory) into ``--out``.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from lightning_bpfree.benchmarking import (
     format_table,
     mib,
     new_figure,
+    peak_rss_bytes,
     progress,
     run_in_subprocess,
     save_figure,
@@ -122,9 +122,9 @@ def measure(method: str, batch_size: int, num_blocks: int, hidden: int, channels
     then (``step_peak_rss_bytes``) minus the RSS on entry (``entry_rss_bytes``) is the memory of the
     model, its optimizer states and one step's activations.
     """
-    entry = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    entry = peak_rss_bytes()
     step_memory(method, batch_size, num_blocks, hidden, channels)
-    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_peak = peak_rss_bytes()
     result = train_config(method, batch_size=batch_size, num_blocks=num_blocks, hidden=hidden, channels=channels,
                           **fit_args)  # fmt: skip
     return {**result, "entry_rss_bytes": entry, "step_peak_rss_bytes": step_peak}

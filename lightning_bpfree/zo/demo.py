@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from lightning_bpfree.benchmarking import (
     median_seconds,
     mib,
     new_figure,
+    peak_rss_bytes,
     run_in_subprocess,
     save_figure,
     write_results,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(module, train_loader, val_loader)
     wall = time.perf_counter() - start
     after = trainer.validate(module, val_loader, verbose=False)[0]["val_loss"]
-    run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run_peak = peak_rss_bytes()
 
     figures: dict[str, Any] = {
         "scheme": scheme, "steps": trainer.global_step, "batch_size": args.batch_size, "seq_len": args.seq_len,
