@@ -39,7 +39,7 @@ from lightning_bpfree.zo.lm import CausalLMModule
 
 LORA_TARGETS = ("q_proj", "v_proj")
 DEFAULTS = {  # lr and eps that converge within the demo's budget (measured; ZO is stable in a narrow lr band)
-    "lora": {"lr": 3e-3, "eps": 1e-2},
+    "lora": {"lr": 5e-3, "eps": 1e-2},
     "full": {"lr": 1e-6, "eps": 1e-3},
 }
 
@@ -133,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bpfree demo", description=__doc__.split("\n\n")[0])
     add_output_args(parser, "demo")
     parser.add_argument("--full", action="store_true", help="full-parameter ZO instead of LoRA")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 (LoRA) / 1e-6 (full)")
+    parser.add_argument("--lr", type=float, default=None, help="default: 5e-3 (LoRA) / 1e-6 (full)")
     parser.add_argument("--eps", type=float, default=None, help="default: 1e-2 (LoRA) / 1e-3 (full)")
-    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks evaluated")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory comparison subprocesses")
     args = parser.parse_args(argv)
