@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bpfree-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-slow lint docs venv clean
+.PHONY: demo test test-slow bench-quick lint docs venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The CI-sized run of every benchmark that has no slow test of its own.
+bench-quick: $(STAMP)
+	$(VENV)/bin/bpfree zo-memory --quick --out bpfree-results/quick/zo-memory
+	$(VENV)/bin/bpfree zo-bench --quick --out bpfree-results/quick/zo-bench
+	$(VENV)/bin/bpfree fp4-sweep --quick --out bpfree-results/quick/fp4-sweep
+	$(VENV)/bin/bpfree odice-bench --quick --out bpfree-results/quick/odice-bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_bpfree tests examples
