@@ -9,14 +9,6 @@ from test_diffusion_sampler import tiny_cond_unet, tiny_unet
 from lightning_bpfree.diffusion import AdjointDPMCustomization
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bright_top_half(x_0: torch.Tensor) -> torch.Tensor:
     """A per-sample loss: top half of the image towards +1, bottom half towards -1."""
     height = x_0.shape[-2]

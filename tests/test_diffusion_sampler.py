@@ -7,15 +7,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from lightning_bpfree.diffusion import AdjointSampler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; one thread keeps these tests fast on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet() -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(

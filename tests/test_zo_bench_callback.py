@@ -29,15 +29,6 @@ class OptimizerSpy(pl.Callback):
         self.optimizer_type = type(trainer.optimizers[0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a loaded machine makes two threads 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fit(callback, module, steps=5):  # odd: sign steps of +-lr cannot cancel out
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=generator)

@@ -3,17 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from lightning_bpfree.zo import bench
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_command_writes_table_json_and_plot_with_exact_memory_accounting(tmp_path, monkeypatch, capsys):

@@ -15,15 +15,6 @@ from lightning_bpfree.zo import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a loaded machine makes two threads 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def regression(seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 6, generator=generator)

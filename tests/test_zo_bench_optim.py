@@ -20,15 +20,6 @@ from lightning_bpfree.zo import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a loaded machine makes two threads 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_regression(seed: int = 0, dtype=torch.float64):
     """float64 by default: a float32 loss of ~10 has a rounding step of 1e-6, which a finite
     difference over eps = 1e-3 turns into gradient noise of 1e-3, so that two runs apart by one

@@ -430,9 +430,14 @@ class ZOOptimizer(Optimizer):
         if estimate.skipped:
             if estimate.pending_scale:
                 self.restore_(estimate.seeds[-1], estimate.pending_scale, use_backup)
-            self.zo_state["skipped_steps"] += 1
         else:
             self.update(estimate)
+        return self._finish_step(estimate, advance)
+
+    def _finish_step(self, estimate: ZOEstimate, advance: bool) -> torch.Tensor:
+        """Bookkeeping shared by every ``step_once``: skip count, step counter, last estimate."""
+        if estimate.skipped:
+            self.zo_state["skipped_steps"] += 1
         if advance:
             self.zo_state["step"] += 1
         self.last_estimate = estimate
@@ -609,12 +614,7 @@ class ZOSGDConservative(ZOOptimizer):
                 for group, params, _ in self._indexed_params():
                     for p in params:
                         p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        else:
-            self.zo_state["skipped_steps"] += 1
-        if advance:
-            self.zo_state["step"] += 1
-        self.last_estimate = estimate
-        return torch.tensor(estimate.loss)
+        return self._finish_step(estimate, advance)
 
 
 class ForwardGradient(ZOOptimizer):
@@ -665,14 +665,9 @@ class ForwardGradient(ZOOptimizer):
             if not (math.isfinite(loss) and math.isfinite(derivative)):
                 estimate.skipped = True
                 break
-        if estimate.skipped:
-            self.zo_state["skipped_steps"] += 1
-        else:
+        if not estimate.skipped:
             self.update(estimate)
-        if advance:
-            self.zo_state["step"] += 1
-        self.last_estimate = estimate
-        return torch.tensor(estimate.loss)
+        return self._finish_step(estimate, advance)
 
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
