@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_bpfree.rl.datasets import (
+    FIELDS,
     REFERENCE_RETURNS,
     OfflineBatches,
     OfflineDataset,
@@ -153,7 +154,16 @@ def test_behaviour_run_keeps_whole_episodes():
 def test_offline_batches_scale_rewards_and_are_seeded():
     data = rollout("Pendulum-v1", None, 400, seed=0, num_envs=2)
     returns = data.episode_returns()
-    assert reward_scale_for(data) == pytest.approx(1000 / (returns.max() - returns.min()))
+    # the paper's rule: time limit / return range, so scaled returns span one unit per step
+    # (Pendulum-v1: 200 steps; not MuJoCo's 1000, which would make Pendulum's residuals 5x too large)
+    assert reward_scale_for(data) == pytest.approx(200 / (returns.max() - returns.min()))
+    scaled = returns * reward_scale_for(data)
+    assert scaled.max() - scaled.min() == pytest.approx(200.0)
+    assert reward_scale_for(data, max_episode_steps=1000) == pytest.approx(1000 / (returns.max() - returns.min()))
+    unregistered = OfflineDataset(**{name: getattr(data, name) for name in FIELDS}, env_id="NoSuchEnv-v0")
+    assert reward_scale_for(unregistered) == pytest.approx(200 / (returns.max() - returns.min()))  # longest episode
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        reward_scale_for(data, max_episode_steps=0)
     batches = list(OfflineBatches(data, batch_size=32, num_batches=3, reward_scale=0.5, seed=7))
     assert len(batches) == 3
     first = batches[0]

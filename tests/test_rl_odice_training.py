@@ -72,6 +72,26 @@ def test_trainer_steps_once_per_batch_and_callback_evaluates_on_schedule():
     assert moved > 0 and 0 < target_moved < moved
 
 
+def test_train_diagnostics_are_logged_every_n_steps_but_kept_every_step():
+    data = rollout("Pendulum-v1", None, 200, seed=0, num_envs=1)
+    model = ODICE.for_dataset(data, value_hidden=(8, 8), policy_hidden=(8, 8), log_every_n_steps=3)
+    recorder = _Recorder()
+    seen = []
+
+    class _Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.last_diagnostics["value_loss"])
+
+    _trainer(7, [_Watch()], logger=recorder).fit(model, offline_dataloader(data, batch_size=16, num_batches=7))
+    logged = [metrics["train/value_loss"] for _, metrics in recorder.rows if "train/value_loss" in metrics]
+    # Lightning repeats the last logged value in between: new values come from batches 0, 3 and 6 only
+    assert len(logged) == 7 and len(set(logged)) == 3
+    assert [seen[0], seen[3], seen[6]] == pytest.approx(sorted(set(logged), key=logged.index))
+    assert len(seen) == 7 and len(set(seen)) == 7
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        ODICE(3, 1, log_every_n_steps=0)
+
+
 def test_evaluation_rejects_bad_options():
     with pytest.raises(ValueError, match="every_n_steps"):
         OfflineEvaluation("Pendulum-v1", every_n_steps=0)

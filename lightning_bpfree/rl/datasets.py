@@ -527,15 +527,36 @@ def load_or_make_datasets(
 # Feeding a Trainer
 
 
-def reward_scale_for(dataset: OfflineDataset) -> float:
-    """The paper's MuJoCo reward rescaling: ``1000 / (max episode return - min episode return)``.
+def reward_scale_for(dataset: OfflineDataset, max_episode_steps: int | None = None) -> float:
+    """The paper's reward rescaling: ``max_episode_steps / (max episode return - min episode return)``.
 
+    The paper's code divides the rewards by the range of episode returns and multiplies by the
+    environment's time limit (1000 for its MuJoCo tasks), so that the scaled episode returns span as
+    many units as an episode has steps. ``max_episode_steps`` defaults to the gymnasium time limit of
+    ``dataset.env_id`` (Pendulum-v1: 200), or the longest episode in the dataset when the id has none.
     (1.0 when the dataset holds fewer than two complete episodes or all their returns are equal.)
     """
     returns = dataset.episode_returns()
     if len(returns) < 2 or float(returns.max() - returns.min()) == 0.0:
         return 1.0
-    return 1000.0 / float(returns.max() - returns.min())
+    if max_episode_steps is None:
+        max_episode_steps = _time_limit(dataset)
+    if max_episode_steps <= 0:
+        raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
+    return float(max_episode_steps) / float(returns.max() - returns.min())
+
+
+def _time_limit(dataset: OfflineDataset) -> int:
+    import gymnasium as gym
+
+    try:
+        limit = gym.spec(dataset.env_id).max_episode_steps
+    except gym.error.Error:
+        limit = None
+    if limit:
+        return int(limit)
+    ends = np.flatnonzero(dataset.terminals | dataset.timeouts)
+    return int(np.diff(np.concatenate([[-1], ends])).max())
 
 
 class OfflineBatches(torch.utils.data.IterableDataset):

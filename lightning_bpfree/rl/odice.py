@@ -77,6 +77,9 @@ class ODICE(L.LightningModule):
         action_low: the environment's lower action bounds (default -1 per dimension).
         action_high: the environment's upper action bounds (default +1 per dimension).
         track_cosine: also compute g_b in ``"semi"`` mode, to log cos(g_f, g_b) (one more backward).
+        log_every_n_steps: call ``self.log_dict`` with the ``train/`` diagnostics every this many steps
+            (1: every step). Lightning's per-call logging cost is a third of a step for small
+            networks on a CPU; :attr:`last_diagnostics` is updated every step either way.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ODICE(L.LightningModule):
         action_low: Sequence[float] | None = None,
         action_high: Sequence[float] | None = None,
         track_cosine: bool = True,
+        log_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
         if gradient not in GRADIENTS:
@@ -115,6 +119,8 @@ class ODICE(L.LightningModule):
             raise ValueError(f"eta must be >= 0, got {eta}")
         if not 0.0 <= discount < 1.0:
             raise ValueError(f"discount must lie in [0, 1), got {discount}")
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps <= 0:
+            raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}")
         if not 0.0 < target_update_rate <= 1.0:
             raise ValueError(f"target_update_rate must lie in (0, 1], got {target_update_rate}")
         self.save_hyperparameters()
@@ -124,13 +130,9 @@ class ODICE(L.LightningModule):
         self.target_value.load_state_dict(self.value.state_dict())
         self.policy = GaussianPolicy(obs_dim, act_dim, policy_hidden)
         low = torch.as_tensor(action_low if action_low is not None else [-1.0] * act_dim, dtype=torch.float32)
-        high = torch.as_tensor(
-            action_high if action_high is not None else [1.0] * act_dim, dtype=torch.float32
-        )
+        high = torch.as_tensor(action_high if action_high is not None else [1.0] * act_dim, dtype=torch.float32)
         if low.shape != (act_dim,) or high.shape != (act_dim,) or not bool((high > low).all()):
-            raise ValueError(
-                f"action_low/action_high must be {act_dim} values with high > low, got {low}, {high}"
-            )
+            raise ValueError(f"action_low/action_high must be {act_dim} values with high > low, got {low}, {high}")
         self.register_buffer("action_centre", (high + low) / 2)
         self.register_buffer("action_half_range", (high - low) / 2)
         self.last_diagnostics: dict[str, float] = {}
@@ -238,7 +240,8 @@ class ODICE(L.LightningModule):
         optimizer.step()
         ema_update(self.target_value, self.value, self.hparams.target_update_rate)
         self.last_diagnostics = diagnostics
-        self.log_dict({f"train/{k}": v for k, v in diagnostics.items()}, prog_bar=False, on_step=True)
+        if batch_idx % self.hparams.log_every_n_steps == 0:
+            self.log_dict({f"train/{k}": v for k, v in diagnostics.items()}, prog_bar=False, on_step=True)
 
 
 class OfflineEvaluation(L.Callback):
@@ -276,9 +279,7 @@ class OfflineEvaluation(L.Callback):
             self._cosines = []
         self.history.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics(
-                {f"eval/{k}": v for k, v in row.items() if k != "step"}, step=trainer.global_step
-            )
+            logger.log_metrics({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._evaluate(trainer, pl_module)

@@ -43,6 +43,7 @@ def train_one(
     hidden: int = 256,
     lr: float = 2e-4,
     lam: float = 0.6,
+    eta: float = 1.0,
     episodes: int = 10,
 ) -> dict[str, Any]:
     """Train one ODICE configuration; return its evaluation history and wall-clock seconds."""
@@ -62,6 +63,8 @@ def train_one(
         value_lr=lr,
         policy_lr=lr,
         lam=lam,
+        eta=eta,
+        log_every_n_steps=100,  # nothing is logged (logger=False); the diagnostics come via the callback
     )
     evaluation = OfflineEvaluation(data.env_id, every_n_steps=eval_every, episodes=episodes, seed=10_000 + seed)
     trainer = L.Trainer(
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (value and policy)")
     parser.add_argument("--lam", type=float, default=0.5, help="ODICE lambda (paper default 0.6; tuned per task)")
+    parser.add_argument("--eta", type=float, default=1.0, help="ODICE eta (weight of the projected g_b)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: <out>/datasets)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             hidden=args.hidden,
             lr=args.lr,
             lam=args.lam,
+            eta=args.eta,
         )
         runs.append({"dataset": kind, "gradient": gradient, "seed": seed, **result})
     rows = _summarise(runs, args.datasets)
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "lam": args.lam,
+            "eta": args.eta,
             "quick": args.quick,
         },
         "datasets": dataset_rows,

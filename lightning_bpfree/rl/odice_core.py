@@ -38,9 +38,7 @@ def _as_list(grads: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
         return [grads]
     if isinstance(grads, (list, tuple)) and all(isinstance(g, Tensor) for g in grads) and len(grads) > 0:
         return list(grads)
-    raise TypeError(
-        f"{name} must be a Tensor or a non-empty list/tuple of Tensors, got {type(grads).__name__}"
-    )
+    raise TypeError(f"{name} must be a Tensor or a non-empty list/tuple of Tensors, got {type(grads).__name__}")
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -91,9 +89,7 @@ def orthogonal_project(
     for i, (f, b) in enumerate(zip(forward, backward)):
         if f.shape != b.shape:
             raise ValueError(f"tensor {i}: g_forward has shape {tuple(f.shape)}, g_backward {tuple(b.shape)}")
-    groups = (
-        [[i] for i in range(len(forward))] if granularity == "per_tensor" else [list(range(len(forward)))]
-    )
+    groups = [[i] for i in range(len(forward))] if granularity == "per_tensor" else [list(range(len(forward)))]
     out: list[Tensor] = [f.clone() for f in forward]
     for group in groups:
         f_group, b_group = [forward[i] for i in group], [backward[i] for i in group]
@@ -105,18 +101,10 @@ def orthogonal_project(
                 coefficient = coefficient.clamp_max(0.0)
         for i in group:
             out[i] = forward[i] + eta * (backward[i] - coefficient * forward[i])
-    return (
-        out[0]
-        if isinstance(g_forward, Tensor)
-        else type(g_forward)(out)
-        if isinstance(g_forward, tuple)
-        else out
-    )
+    return out[0] if isinstance(g_forward, Tensor) else type(g_forward)(out) if isinstance(g_forward, tuple) else out
 
 
-def gradient_cosine(
-    g_a: Tensor | Sequence[Tensor], g_b: Tensor | Sequence[Tensor], eps: float = 1e-20
-) -> float:
+def gradient_cosine(g_a: Tensor | Sequence[Tensor], g_b: Tensor | Sequence[Tensor], eps: float = 1e-20) -> float:
     """Cosine similarity of two gradients, each flattened over all its tensors (0 if either is zero)."""
     a, b = _as_list(g_a, "g_a"), _as_list(g_b, "g_b")
     norm = (_dot(a, a) * _dot(b, b)).sqrt()
@@ -173,9 +161,7 @@ def mlp(sizes: Sequence[int], layer_norm: bool = False) -> nn.Sequential:
 class TwinValue(nn.Module):
     """Two independent value MLPs. ``heads(s)`` is ``[2, B]``; ``forward(s)`` their minimum, ``[B]``."""
 
-    def __init__(
-        self, obs_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = True, num_heads: int = 2
-    ):
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = True, num_heads: int = 2):
         super().__init__()
         self.nets = nn.ModuleList(mlp([obs_dim, *hidden, 1], layer_norm) for _ in range(num_heads))
 
