@@ -1,9 +1,10 @@
 """Offline RL with ODICE on a Pendulum dataset collected locally (nothing downloads).
 
-    .venv/bin/python examples/rl_odice_pendulum.py --kind medium-expert --steps 1500
+    .venv/bin/python examples/rl_odice_pendulum.py --kind medium-expert --steps 10000
 
 Collects (or loads from ``--cache-dir``) a D4RL-style dataset, trains the ODICE LightningModule with
-the orthogonal gradient, rolls the policy out every few hundred steps and prints the normalized return
+the orthogonal gradient with the ``bpfree odice-bench`` settings (lam 0.5, 64x64 MLPs, Adam 1e-3,
+batch 128), rolls the policy out ten times during training and prints the normalized return
 (0 = random policy, 100 = expert) and cos(g_forward, g_backward).
 """
 
@@ -23,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", default="medium-expert", choices=DATASET_KINDS)
     parser.add_argument("--gradient", default="orthogonal", choices=GRADIENTS)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--cache-dir", type=Path, default=Path("bpfree-results/odice-datasets"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -35,14 +36,23 @@ def main() -> None:
 
     L.seed_everything(0)
     model = ODICE.for_dataset(
-        data, gradient=args.gradient, value_hidden=(64, 64), policy_hidden=(64, 64), value_lr=1e-3, policy_lr=1e-3
+        data,
+        gradient=args.gradient,
+        lam=0.5,
+        value_hidden=(64, 64),
+        policy_hidden=(64, 64),
+        value_lr=1e-3,
+        policy_lr=1e-3,
+        log_every_n_steps=100,
     )
-    evaluation = OfflineEvaluation("Pendulum-v1", every_n_steps=max(args.steps // 5, 1), episodes=10)
+    evaluation = OfflineEvaluation("Pendulum-v1", every_n_steps=max(args.steps // 10, 1), episodes=10)
     trainer = L.Trainer(max_steps=args.steps, callbacks=[evaluation], logger=False, enable_checkpointing=False)
     trainer.fit(model, offline_dataloader(data, batch_size=128, num_batches=args.steps))
     for row in evaluation.history:
         cosine = row.get("cos_forward_backward", float("nan"))
-        print(f"step {row['step']:6.0f}  normalized return {row['normalized_return']:6.1f}  cos(g_f, g_b) {cosine:+.2f}")
+        print(
+            f"step {row['step']:6.0f}  normalized return {row['normalized_return']:6.1f}  cos(g_f, g_b) {cosine:+.2f}"
+        )
 
 
 if __name__ == "__main__":

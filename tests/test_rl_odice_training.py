@@ -129,8 +129,9 @@ def test_training_on_medium_data_improves_the_return():
     model = ODICE.for_dataset(
         data, lam=0.5, value_hidden=(64, 64), policy_hidden=(64, 64), value_lr=1e-3, policy_lr=1e-3
     )
-    evaluation = OfflineEvaluation("Pendulum-v1", every_n_steps=500, episodes=10)
-    _trainer(1500, [evaluation]).fit(model, offline_dataloader(data, batch_size=128, num_batches=1500))
+    # with the paper's reward scale the orthogonal rule needs a few thousand steps on this data
+    evaluation = OfflineEvaluation("Pendulum-v1", every_n_steps=1000, episodes=10)
+    _trainer(6000, [evaluation]).fit(model, offline_dataloader(data, batch_size=128, num_batches=6000))
     start = evaluation.history[0]["normalized_return"]
     best_late = max(row["normalized_return"] for row in evaluation.history[-2:])
     assert best_late > start + 20, evaluation.history
