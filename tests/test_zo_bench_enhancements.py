@@ -1,5 +1,7 @@
 """Block-wise ZO, hybrid ZO/FO, gradient sparsity and the peft schemes."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from lightning_bpfree.zo import (
     find_blocks,
     make_optimizer,
 )
+from lightning_bpfree.zo.sparsity import global_magnitude_masks
 
 
 def regression(seed=0):
@@ -140,6 +143,136 @@ def test_large_tensor_fraction_is_what_it_says():
 def test_sparsity_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         GradientSparsity(**kwargs)
+
+
+def brute_force_global(tensors, fraction):
+    """Reference global magnitude masks: a stable descending sort of every |theta| at once."""
+    flat = torch.cat([t.detach().reshape(-1).abs().float() for t in tensors])
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[: round(fraction * flat.numel())]] = False
+    return list(keep.split([t.numel() for t in tensors]))
+
+
+def quantized_regression():
+    """The regression model with weights on a 0.1 grid, so that many |theta| tie across tensors."""
+    model, x, y = regression()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p * 10).round() / 10)
+    return model, x, y
+
+
+def test_global_magnitude_masks_exactly_the_largest_entries_over_all_tensors():
+    model, x, y = quantized_regression()
+    sparsity = GradientSparsity(0.3, method="magnitude", group="global", min_numel=8)
+    params = list(model.parameters())
+    eligible = [i for i, p in enumerate(params) if p.numel() >= 8]
+    assert eligible == [0, 1, 2, 3, 4]  # the 1-element output bias stays dense and out of the total
+    theta = [p.detach().clone() for p in params]
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-3, sparsity=sparsity, seed=1)
+    opt.step(lambda: ((model(x) - y) ** 2).mean())
+    total = sum(params[i].numel() for i in eligible)
+    reference = brute_force_global([theta[i] for i in eligible], 0.3)
+    assert sorted(sparsity.masks) == eligible
+    assert sum(int((~m).sum()) for m in sparsity.masks.values()) == round(0.3 * total)
+    for i, want in zip(eligible, reference):
+        assert torch.equal(sparsity.masks[i].view(-1), want)  # same entries, ties included
+        assert sparsity.counts[i] == int((~want).sum())
+        assert torch.equal(params[i][~sparsity.masks[i]], theta[i][~sparsity.masks[i]])  # masked: never moves
+    derived = [int((~want).sum()) / want.numel() for want in reference]
+    assert max(derived) - min(derived) > 0.1  # the tensors really get different sparsities
+    assert not torch.equal(params[5], theta[5])  # the dense bias is trained
+    assert sparsity.measured_fraction() == round(0.3 * total) / total
+
+
+def test_global_magnitude_breaks_ties_by_tensor_then_position():
+    tensors = [torch.tensor([1.0, -2.0, 2.0]), torch.tensor([2.0, 0.5, -2.0])]
+    masks = global_magnitude_masks(tensors, 0.5)  # 3 of 6 masked; four entries tie at |2|
+    assert masks[0].tolist() == [True, False, False] and masks[1].tolist() == [False, True, True]
+    bf16 = [torch.randn(50, 7, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3)]
+    got = global_magnitude_masks(bf16, 0.37, indices=[4, 8, 9])
+    assert list(got) == [4, 8, 9]
+    for mask, want in zip(got.values(), brute_force_global(bf16, 0.37)):
+        assert torch.equal(mask.view(-1), want)
+
+
+def test_global_random_masks_have_the_derived_counts_and_change_across_resamples():
+    model, x, y = quantized_regression()
+    sparsity = GradientSparsity(0.4, method="random", group="global", resample_every=2)
+    params = list(model.parameters())
+    pretrained = [p.detach().clone() for p in params]
+    want = [int((~m).sum()) for m in brute_force_global(pretrained, 0.4)]
+    assert len(set(c / p.numel() for c, p in zip(want, params))) > 2  # derived fractions differ per tensor
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-3, sparsity=sparsity, seed=2)
+    draws = []
+    for _ in range(6):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+        draws.append({i: m.clone() for i, m in sparsity.masks.items()})
+        # the counts come from the pretrained weights, whatever the weights are now
+        assert [int((~draws[-1][i]).sum()) for i in range(len(params))] == want
+        assert [opt.zo_state[f"sparsity_masked.{i}"] for i in range(len(params))] == want
+    magnitude = global_magnitude_masks(pretrained, 0.4)
+    assert any(not torch.equal(draws[0][i], magnitude[i]) for i in magnitude)  # random, not the threshold mask
+    assert all(torch.equal(draws[0][i], draws[1][i]) for i in draws[0])  # steps 0-1 share the masks
+    assert any(not torch.equal(draws[1][i], draws[2][i]) for i in draws[0])  # step 2 resamples
+    assert any(not torch.equal(draws[3][i], draws[4][i]) for i in draws[0])
+
+
+def test_global_random_resume_is_bitwise_identical():
+    def closure(model, x, y):
+        return lambda: ((model(x) - y) ** 2).mean()
+
+    model, x, y = regression()
+    opt = ZOSGD(model.parameters(), lr=0.2, eps=1e-3, seed=5,
+                sparsity=GradientSparsity(0.5, group="global", resample_every=3))  # fmt: skip
+    for _ in range(4):
+        opt.step(closure(model, x, y))
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    stored = [state["zo_state"][f"sparsity_masked.{i}"] for i in range(6)]
+    # derived afresh from the trained weights the counts would differ, so the stored state matters
+    rederived = [int((~m).sum()) for m in brute_force_global(list(model.parameters()), 0.5)]
+    assert rederived != stored
+    for _ in range(4):
+        opt.step(closure(model, x, y))
+
+    resumed, _, _ = regression(seed=1)
+    resumed.load_state_dict(weights)
+    sparsity = GradientSparsity(0.5, group="global", resample_every=3)
+    opt2 = ZOSGD(resumed.parameters(), lr=0.2, eps=1e-3, seed=0, sparsity=sparsity)
+    opt2.load_state_dict(state)
+    for _ in range(4):
+        opt2.step(closure(resumed, x, y))
+    assert [sparsity.counts[i] for i in range(6)] == stored
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_global_group_leaves_the_first_order_part_out_of_the_total():
+    model, x, y = regression()
+    sparsity = GradientSparsity(0.25, method="magnitude", group="global")
+    part = FirstOrderPart(model[4].parameters(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-3, first_order=part, sparsity=sparsity, seed=0)
+    zo_params = list(model[0].parameters()) + list(model[2].parameters())
+    for _ in range(2):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+        assert sorted(sparsity.masks) == [0, 1, 2, 3]
+        total = sum(p.numel() for p in zo_params)
+        assert sum(int((~m).sum()) for m in sparsity.masks.values()) == round(0.25 * total)
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_zo_training_with_global_sparsity_lowers_the_loss(method):
+    model, x, y = regression()
+    sparsity = GradientSparsity(0.5, method=method, group="global", resample_every=5)
+    opt = ZOSGD(model.parameters(), lr=0.01, eps=1e-3, seed=0, sparsity=sparsity)
+    losses = [float(opt.step(lambda: ((model(x) - y) ** 2).mean())) for _ in range(150)]
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])  # mean of the last 10 steps vs the first 10
+    assert sparsity.measured_fraction() == round(0.5 * 137) / 137  # 137 trainable entries in all
+
+
+def test_sparsity_bad_group():
+    with pytest.raises(ValueError, match="group"):
+        GradientSparsity(0.5, group="block")
 
 
 def test_schemes_through_peft_train_only_their_parameters():
