@@ -129,6 +129,30 @@ def test_sparsity_fraction_is_exact_and_masked_entries_never_move(method):
         assert any(not torch.equal(first[i], m) for i, m in sparsity.masks.items())
 
 
+@pytest.mark.parametrize("group", ["layer", "global"])
+def test_magnitude_masks_wait_for_resample_every_when_small_tensors_stay_dense(group):
+    model, x, y = regression()
+    sparsity = GradientSparsity(0.3, method="magnitude", resample_every=100, min_numel=9, group=group)
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-3, sparsity=sparsity, seed=1)
+    draws = []
+    original = sparsity.refresh
+
+    def counting_refresh(optimizer):
+        before = sparsity.masks
+        original(optimizer)
+        if sparsity.masks is not before:  # every draw builds a new dict
+            draws.append(optimizer.zo_state["step"])
+
+    sparsity.refresh = counting_refresh
+    first = None
+    for _ in range(6):
+        opt.step(lambda: ((model(x) - y) ** 2).mean())
+        first = first or {i: m.clone() for i, m in sparsity.masks.items()}
+    assert any(p.numel() < 9 for p in model.parameters())  # the case that used to redraw every step
+    assert draws == [0]
+    assert all(torch.equal(first[i], m) for i, m in sparsity.masks.items())
+
+
 def test_large_tensor_fraction_is_what_it_says():
     sparsity = GradientSparsity(0.1)
     mask = sparsity.mask_for(torch.zeros(1000, 100), seed=0)

@@ -108,17 +108,16 @@ class GradientSparsity:
         if self._drawn_at == period and all(index in self._drawn_for for index, _ in trainable):
             return
         self._drawn_at = period
+        # Dense tensors (below min_numel) are covered too; otherwise a dense tensor would force a
+        # redraw on every step, ignoring resample_every.
+        self._drawn_for = {index for index, _ in trainable}
         if self.group == "layer":
             self.masks = {
                 index: self.mask_for(p, mix_seed(optimizer.zo_state["seed"], _MASK_STREAM, period, index))
                 for index, p in trainable
                 if p.numel() >= self.min_numel and self.fraction > 0
             }
-            # Only the masked tensors count as covered (dense small tensors trigger a redraw check
-            # every step), exactly as before the global mode existed, so "layer" stays bit-identical.
-            self._drawn_for = set(self.masks)
             return
-        self._drawn_for = {index for index, _ in trainable}
         eligible = [(index, p) for index, p in trainable if p.numel() >= self.min_numel] if self.fraction > 0 else []
         if self.method == "magnitude":
             self.masks = global_magnitude_masks([p for _, p in eligible], self.fraction, [i for i, _ in eligible])
