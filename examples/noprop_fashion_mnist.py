@@ -25,6 +25,11 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=10_000)
     parser.add_argument("--test-limit", type=int, default=10_000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--no-inference-noise",
+        action="store_true",
+        help="DT only: drop the sqrt(c_t) eps term at inference (+4.3 points in docs/noprop.md's benchmark)",
+    )
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -33,6 +38,10 @@ def main() -> None:
     options = dict(embedding=args.embedding, lr=args.lr)
     if args.embedding == "prototype":  # class-mean images; the noisy label is then fed to the convolutions
         options["prototypes"] = class_prototypes(train_images, train_labels, num_classes=10)
+    if args.no_inference_noise:
+        if args.variant != "dt":
+            parser.error("--no-inference-noise applies to --variant dt only")
+        options["inference_noise"] = False
     variant = {"dt": NoPropDT, "ct": NoPropCT, "fm": NoPropFM}[args.variant]
     model = variant(num_classes=10, image_shape=(1, 28, 28), **options)
 

@@ -50,7 +50,9 @@ def main() -> None:
         loss = nn.functional.mse_loss(module.net(x).squeeze(-1), y).item()
     if trainer.global_rank == 0:
         identical = all(torch.equal(gathered[0], g) for g in gathered)
-        print(f"steps={trainer.global_step} start_mse={start:.4f} final_mse={loss:.4f} ranks_bitwise_identical={identical}")
+        print(
+            f"steps={trainer.global_step} start_mse={start:.4f} final_mse={loss:.4f} ranks_bitwise_identical={identical}"
+        )
 
 
 if __name__ == "__main__":

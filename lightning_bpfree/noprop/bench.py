@@ -2,8 +2,9 @@
 
 For each method, in its own subprocess: first the peak resident memory of three training steps on one
 batch (above the interpreter's footprint after importing torch), then a Lightning fit on a training
-subset with test accuracy after every epoch and seconds per training epoch (evaluation excluded). Prints a table and
-writes ``noprop-bench.json``, ``noprop-bench.md`` and ``noprop-bench.png`` (accuracy against epochs,
+subset with test accuracy after every epoch and seconds per training epoch (evaluation excluded). NoProp-DT is
+evaluated twice after every epoch from the same weights: with the paper's inference noise and without it
+(``inference_noise=False``). Prints a table and writes ``noprop-bench.json``, ``noprop-bench.md`` and ``noprop-bench.png`` (accuracy against epochs,
 step memory) into ``--out``.
 """
 
@@ -66,7 +67,8 @@ def train_config(
     """Fit ``method`` on the first ``train_limit`` training images; test accuracy after each epoch.
 
     Returns ``accuracy`` (list, one per epoch, in [0, 1]), ``epoch_seconds`` (training only, no
-    evaluation), ``parameters`` and ``method``.
+    evaluation), ``parameters`` and ``method``; for NoProp-DT also ``accuracy_without_inference_noise``
+    (the same weights, inference without the ``sqrt(c_t) eps`` term).
     """
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
@@ -81,6 +83,7 @@ def train_config(
     class Record(L.Callback):
         def __init__(self) -> None:
             self.accuracy: list[float] = []
+            self.accuracy_without_noise: list[float] = []
             self.epoch_seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer, module) -> None:
@@ -90,8 +93,10 @@ def train_config(
             self._validation_start = time.perf_counter()
 
         def on_validation_epoch_end(self, trainer, module) -> None:
-            self._validation += time.perf_counter() - self._validation_start
             self.accuracy.append(float(trainer.callback_metrics["val_acc"]))
+            if method == "noprop-dt":
+                self.accuracy_without_noise.append(_accuracy_without_inference_noise(module, test))
+            self._validation += time.perf_counter() - self._validation_start
 
         def on_train_epoch_end(self, trainer, module) -> None:
             # Lightning validates inside the training epoch; its time is not training time.
@@ -107,12 +112,33 @@ def train_config(
         DataLoader(train, batch_size=batch_size, shuffle=True),
         DataLoader(test, batch_size=1000),
     )
-    return {
+    result = {
         "method": method,
         "accuracy": record.accuracy,
         "epoch_seconds": record.epoch_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if method == "noprop-dt":
+        result["accuracy_without_inference_noise"] = record.accuracy_without_noise
+    return result
+
+
+@torch.no_grad()
+def _accuracy_without_inference_noise(module, test) -> float:
+    """Test accuracy of a NoPropDT module run with ``inference_noise=False``; restores the setting."""
+    images, labels = test.tensors
+    was_training, noise = module.training, module.net.inference_noise
+    module.eval()
+    module.net.inference_noise = False
+    try:
+        correct = sum(
+            int((module(images[i : i + 1000]).argmax(-1) == labels[i : i + 1000]).sum())
+            for i in range(0, len(labels), 1000)
+        )
+    finally:
+        module.net.inference_noise = noise
+        module.train(was_training)
+    return correct / len(labels)
 
 
 def measure(method: str, batch_size: int, num_blocks: int, hidden: int, channels: list[int], **fit_args: Any):
@@ -166,11 +192,45 @@ def step_memory(
         optimizer.step()
 
 
+LAST_EPOCHS = 5
+DT_WITHOUT_NOISE = "noprop-dt, no inference noise"
+
+
+def accuracy_curves(results: dict[str, dict[str, Any]]) -> dict[str, tuple[str, list[float]]]:
+    """Test accuracy per epoch by display name: each method, plus NoProp-DT without inference noise.
+
+    Returns ``{name: (method, [accuracy per epoch, in [0, 1]])}``.
+    """
+    curves = {}
+    for method, result in results.items():
+        curves[method] = (method, result["accuracy"])
+        if "accuracy_without_inference_noise" in result:
+            curves[DT_WITHOUT_NOISE] = (method, result["accuracy_without_inference_noise"])
+    return curves
+
+
+def target_verdicts(curves: dict[str, tuple[str, list[float]]], last: int) -> list[str]:
+    """The issue's target, NoProp-DT within 1 point of backprop, judged on the mean of the last epochs."""
+    if "backprop" not in curves:
+        return []
+    mean = {name: 100 * sum(curve[-last:]) / last for name, (_, curve) in curves.items()}
+    return [
+        f"{name} within 1 point of backprop (mean of last {last} epochs): "
+        f"{'yes' if mean[name] >= mean['backprop'] - 1 - 1e-9 else 'no'} ({mean[name]:.2f} vs {mean['backprop']:.2f})"
+        for name in ("noprop-dt", DT_WITHOUT_NOISE)
+        if name in mean
+    ]
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _plot(results: dict[str, dict[str, Any]], path) -> None:
     fig, (accuracy_axis, memory_axis) = new_figure(ncols=2, width=5.5, height=3.8)
-    for method, result in results.items():
-        epochs = range(1, len(result["accuracy"]) + 1)
-        accuracy_axis.plot(epochs, [100 * a for a in result["accuracy"]], marker="o", label=method)
+    for name, (_, curve) in accuracy_curves(results).items():
+        epochs = range(1, len(curve) + 1)
+        accuracy_axis.plot(epochs, [100 * a for a in curve], marker="o", markersize=3, label=name)
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.xaxis.get_major_locator().set_params(integer=True)
     accuracy_axis.set_ylabel("test accuracy (%)")
@@ -189,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bpfree noprop-bench", description=__doc__.splitlines()[0])
     add_output_args(parser, NAME)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {METHODS}")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 5, quick 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20, quick 2)")
     parser.add_argument("--train-limit", type=int, default=None, help="training images (default 6000, quick 1000)")
-    parser.add_argument("--test-limit", type=int, default=None, help="test images (default 2000, quick 500)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images (default all 10000, quick 500)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-blocks", type=int, default=10, help="NoProp-DT blocks T")
     parser.add_argument("--hidden", type=int, default=128)
@@ -199,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of every method")
     args = parser.parse_args(argv)
     _check_methods(args.methods)
-    epochs = args.epochs or (2 if args.quick else 5)
+    epochs = args.epochs or (2 if args.quick else 20)
     train_limit = args.train_limit or (1000 if args.quick else 6000)
-    test_limit = args.test_limit or (500 if args.quick else 2000)
+    test_limit = args.test_limit or (500 if args.quick else 10_000)
     model_args = dict(num_blocks=args.num_blocks, hidden=args.hidden, channels=args.channels)
 
     results: dict[str, dict[str, Any]] = {}
@@ -213,16 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         result["step_memory_mib"] = mib(result["step_peak_rss_bytes"] - result["entry_rss_bytes"])
         results[method] = result
 
+    curves = accuracy_curves(results)
+    last = min(LAST_EPOCHS, epochs)
     rows = [
         {
-            "method": method,
-            "test acc (%)": 100 * r["accuracy"][-1],
-            "best acc (%)": 100 * max(r["accuracy"]),
-            "s / epoch": sorted(r["epoch_seconds"])[len(r["epoch_seconds"]) // 2],
-            "step memory (MiB)": r["step_memory_mib"],
-            "parameters": r["parameters"],
+            "method": name,
+            f"test acc, mean of last {last} epochs (%)": 100 * sum(curve[-last:]) / last,
+            "final acc (%)": 100 * curve[-1],
+            "best acc (%)": 100 * max(curve),
+            "s / epoch": _median(results[method]["epoch_seconds"]),
+            "step memory (MiB)": results[method]["step_memory_mib"],
+            "parameters": results[method]["parameters"],
         }
-        for method, r in results.items()
+        for name, (method, curve) in curves.items()
     ]
     table = format_table(rows)
     print(
@@ -230,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {args.batch_size}, {torch.get_num_threads()} threads in the parent"
     )
     print(table)
+    verdicts = target_verdicts(curves, last)
+    for line in verdicts:
+        print(line)
     config = dict(vars(args), epochs=epochs, train_limit=train_limit, test_limit=test_limit, out=str(args.out))
-    write_results(args.out, NAME, {"config": config, "results": results, "table": rows}, table)
+    write_results(args.out, NAME, {"config": config, "results": results, "table": rows, "target": verdicts},
+                  table + "\n\n" + "\n".join(verdicts))  # fmt: skip
     _plot(results, args.out / f"{NAME}.png")
     print(f"wrote {args.out}/{NAME}.json, .md and .png")
     return 0
