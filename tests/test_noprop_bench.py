@@ -38,7 +38,7 @@ def test_target_verdict_uses_mean_of_last_epochs_and_both_dt_inferences():
     assert bench.target_verdicts({"noprop-dt": curves["noprop-dt"]}, last=2) == []
 
 
-def test_accuracy_without_inference_noise_matches_a_noise_free_run_and_restores_the_module():
+def test_test_accuracy_without_inference_noise_matches_a_noise_free_run_and_restores_the_module():
     from torch.utils.data import TensorDataset
 
     from lightning_bpfree.noprop import NoPropDT
@@ -47,7 +47,7 @@ def test_accuracy_without_inference_noise_matches_a_noise_free_run_and_restores_
     images, labels = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
     module.train()
     torch.manual_seed(5)
-    accuracy = bench._accuracy_without_inference_noise(module, TensorDataset(images, labels))
+    accuracy = bench._test_accuracy(module, TensorDataset(images, labels), inference_noise=False)
     assert module.training and module.net.inference_noise
     module.eval()
     module.net.inference_noise = False
@@ -75,6 +75,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
         assert result["step_memory_mib"] > 0
     dt = figures["results"]["noprop-dt"]
     assert len(dt["accuracy_without_inference_noise"]) == figures["config"]["epochs"]
+    assert list(dt["final_accuracy_by_inference_samples"]) == ["2"]  # JSON keys
     assert len(figures["target"]) == 2 and all("within 1 point of backprop" in line for line in figures["target"])
     # backprop learns something in two short epochs (chance is 10%)
     assert figures["results"]["backprop"]["accuracy"][-1] > 0.3

@@ -178,3 +178,22 @@ def test_bad_batches_and_solvers_raise_clearly():
         NoPropCT(10, (1, 8, 8), solver="rk4", **SMALL)
     with pytest.raises(ValueError, match="inference_steps"):
         NoPropFM(10, (1, 8, 8), inference_steps=0, **SMALL)
+
+
+def test_dt_inference_samples_average_the_class_probabilities_of_independent_chains():
+    from lightning_bpfree.noprop import NoPropDTNet
+
+    net = NoPropDTNet(4, (1, 6, 6), num_blocks=3, hidden=8, channels=(2, 4)).eval()
+    images = torch.rand(5, 1, 6, 6)
+    torch.manual_seed(7)
+    single = [net(images) for _ in range(3)]  # one chain each: the plain logits
+    torch.manual_seed(7)
+    assert torch.equal(net.output_layer(net.sample(images)), single[0])
+    net.inference_samples = 3
+    torch.manual_seed(7)
+    averaged = net(images)
+    expected = (sum(logits.softmax(-1) for logits in single) / 3).log()
+    torch.testing.assert_close(averaged, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(averaged, single[0].log_softmax(-1))  # the chains really differ
+    with pytest.raises(ValueError, match="inference_samples"):
+        NoPropDTNet(4, (1, 6, 6), inference_samples=0)

@@ -105,6 +105,9 @@ class NoPropDTNet(_NoPropNet):
         hidden: width of the hidden layers.
         channels: conv widths of the image encoder.
         inference_noise: add the ``sqrt(c_t) eps`` term during inference (the paper does).
+        inference_samples: independent inference chains whose class probabilities ``forward`` averages
+            (1: one chain, plain logits). Averaging Monte Carlo estimates ``p(y | x)`` under the
+            stochastic update; it only matters with ``inference_noise=True``.
     """
 
     def __init__(
@@ -121,10 +124,14 @@ class NoPropDTNet(_NoPropNet):
         hidden: int = 128,
         channels: Sequence[int] = (16, 32),
         inference_noise: bool = True,
+        inference_samples: int = 1,
     ) -> None:
         super().__init__(num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding)
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if not isinstance(inference_samples, int) or inference_samples < 1:
+            raise ValueError(f"inference_samples must be an int >= 1, got {inference_samples!r}")
+        self.inference_samples = inference_samples
         if eta <= 0:
             raise ValueError(f"eta must be > 0, got {eta}")
         alpha_bar = cosine_alpha_bar(num_blocks, max_alpha_bar=max_alpha_bar)
@@ -143,6 +150,15 @@ class NoPropDTNet(_NoPropNet):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class scores ``[B, K]``: the output layer's logits on ``z_T`` for one chain, or, with
+        ``inference_samples > 1``, the log of the class probabilities averaged over that many chains."""
+        single_chain = super().forward
+        if self.inference_samples == 1:
+            return single_chain(images)
+        probabilities = sum(single_chain(images).softmax(-1) for _ in range(self.inference_samples))
+        return (probabilities / self.inference_samples).log()
 
     def _check_block(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:

@@ -76,6 +76,7 @@ class NoPropDT(_Classifier):
         hidden: width of the hidden layers.
         channels: conv widths of the image encoder.
         inference_noise: keep the ``sqrt(c_t) eps`` term at inference.
+        inference_samples: inference chains whose class probabilities are averaged (1: one chain).
         lr: AdamW learning rate of every optimizer (paper: 1e-3).
         weight_decay: AdamW weight decay (paper: 1e-3).
     """
@@ -94,6 +95,7 @@ class NoPropDT(_Classifier):
         hidden: int = 128,
         channels: Sequence[int] = (16, 32),
         inference_noise: bool = True,
+        inference_samples: int = 1,
         lr: float = 1e-3,
         weight_decay: float = 1e-3,
     ) -> None:
@@ -102,7 +104,7 @@ class NoPropDT(_Classifier):
         self.automatic_optimization = False
         self.net = NoPropDTNet(
             num_classes, image_shape, num_blocks, embedding, embedding_dim, prototypes, train_embedding,
-            eta, max_alpha_bar, hidden, channels, inference_noise,
+            eta, max_alpha_bar, hidden, channels, inference_noise, inference_samples,
         )  # fmt: skip
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
