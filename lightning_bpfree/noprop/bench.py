@@ -11,6 +11,7 @@ step memory) into ``--out``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any
 
@@ -233,10 +234,6 @@ def target_verdicts(curves: dict[str, tuple[str, list[float]]], last: int) -> li
     ]
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def _plot(results: dict[str, dict[str, Any]], path) -> None:
     fig, (accuracy_axis, memory_axis) = new_figure(ncols=2, width=5.5, height=3.8)
     for name, (_, curve) in accuracy_curves(results).items():
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             f"test acc, mean of last {last} epochs (%)": 100 * sum(curve[-last:]) / last,
             "final acc (%)": 100 * curve[-1],
             "best acc (%)": 100 * max(curve),
-            "s / epoch": _median(results[method]["epoch_seconds"]),
+            "s / epoch": statistics.median_high(results[method]["epoch_seconds"]),
             "step memory (MiB)": results[method]["step_memory_mib"],
             "parameters": results[method]["parameters"],
         }

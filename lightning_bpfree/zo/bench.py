@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from typing import Any
 
@@ -182,7 +183,7 @@ def run_config(
         "total_params": sum(p.numel() for p in net.parameters()),
         "initial_loss": initial_loss, "final_loss": final_loss,
         "initial_accuracy": initial_accuracy, "final_accuracy": final_accuracy,
-        "seconds_per_step": sorted(steady)[len(steady) // 2],
+        "seconds_per_step": statistics.median_high(steady),
         "forwards_per_step": forwards / max(steps, 1),
         "state_bytes": state_bytes,
         "skipped_steps": getattr(optimizer, "zo_state", {}).get("skipped_steps", 0),

@@ -170,7 +170,8 @@ class ZOOptimizer(Optimizer):
         self.first_order = first_order
         self.loss_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._active: set[int] | None = None  # ids of the block being stepped
-        self._excluded: set[int] = set()  # ids of the first-order parameters
+        # ids of the first-order parameters: never perturbed, nor counted by sparsity masks
+        self._excluded: set[int] = {id(p) for p in first_order.params} if first_order is not None else set()
         self._query_offset = 0
         self._update_queries = 1
 
@@ -392,7 +393,6 @@ class ZOOptimizer(Optimizer):
             self.sparsity.refresh(self)
         fo_loss = None
         if self.first_order is not None:
-            self._excluded = {id(p) for p in self.first_order.params}
             zo_params = [p for _, p in self.trainable_parameters()]
             fo_loss = self.first_order.compute_gradients(closure, zo_params)
         if self.blocks is None:

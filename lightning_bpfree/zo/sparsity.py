@@ -99,26 +99,19 @@ class GradientSparsity:
         step = optimizer.zo_state["step"]
         period = step // self.resample_every
         trainable = optimizer.trainable_parameters()
-        if self.group == "global":
-            # The optimizer only drops the first-order (hybrid) parameters from trainable_parameters()
-            # after the first refresh; they must not take a share of the global count.
-            first_order = getattr(optimizer, "first_order", None)
-            excluded = {id(p) for p in first_order.params} if first_order is not None else set()
-            trainable = [(index, p) for index, p in trainable if id(p) not in excluded]
         if self._drawn_at == period and all(index in self._drawn_for for index, _ in trainable):
             return
         self._drawn_at = period
         # Dense tensors (below min_numel) are covered too; otherwise a dense tensor would force a
         # redraw on every step, ignoring resample_every.
         self._drawn_for = {index for index, _ in trainable}
+        eligible = [(index, p) for index, p in trainable if p.numel() >= self.min_numel] if self.fraction > 0 else []
         if self.group == "layer":
             self.masks = {
                 index: self.mask_for(p, mix_seed(optimizer.zo_state["seed"], _MASK_STREAM, period, index))
-                for index, p in trainable
-                if p.numel() >= self.min_numel and self.fraction > 0
+                for index, p in eligible
             }
             return
-        eligible = [(index, p) for index, p in trainable if p.numel() >= self.min_numel] if self.fraction > 0 else []
         if self.method == "magnitude":
             self.masks = global_magnitude_masks([p for _, p in eligible], self.fraction, [i for i, _ in eligible])
             self.counts = {index: int((~mask).sum()) for index, mask in self.masks.items()}
