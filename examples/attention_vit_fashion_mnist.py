@@ -11,7 +11,7 @@ import argparse
 import lightning as L
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bpfree.attention.lightning import ViTClassifier
+from lightning_bpfree.attention.module import ViTClassifier
 from lightning_bpfree.data import fashion_mnist
 
 parser = argparse.ArgumentParser()

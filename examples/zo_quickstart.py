@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bpfree import ZerothOrder
 from lightning_bpfree.models import tiny_causal_lm
 from lightning_bpfree.zo import ZOSGD
-from lightning_bpfree.zo.lm import CausalLMModule
+from lightning_bpfree.zo.module import CausalLMModule
 
 
 def pattern_batches(num: int = 256, length: int = 16, vocab: int = 32) -> torch.Tensor:

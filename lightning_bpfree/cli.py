@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "soft-bench": ("lightning_bpfree.attention.bench", "SOFT vs softmax attention: time and memory vs length"),
     "adjoint-bench": ("lightning_bpfree.diffusion.bench", "adjoint vs direct backprop through sampling"),
     "noprop-bench": ("lightning_bpfree.noprop.bench", "NoProp DT/CT/FM vs backprop on Fashion-MNIST"),
-    "odice-bench": ("lightning_bpfree.rl.odice_bench", "orthogonal vs semi vs true gradient, offline RL"),
-    "bgpo-bench": ("lightning_bpfree.rl.bgpo_bench", "BGPO memory vs Monte Carlo samples, reward curves"),
+    "odice-bench": ("lightning_bpfree.odice.bench", "orthogonal vs semi vs true gradient, offline RL"),
+    "bgpo-bench": ("lightning_bpfree.bgpo.bench", "BGPO memory vs Monte Carlo samples, reward curves"),
     "attribution-bench": ("lightning_bpfree.attribution.bench", "ReAGent vs gradient attributions"),
 }
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bpfree.attention.bench import _summary, fitted_exponent, main
-from lightning_bpfree.attention.lightning import ViTClassifier
+from lightning_bpfree.attention.module import ViTClassifier
 from lightning_bpfree.attention.vit import SoftmaxAttention, TinyViT
 
 

@@ -105,7 +105,7 @@ def train_vit(
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_bpfree.attention.lightning import ViTClassifier
+    from lightning_bpfree.attention.module import ViTClassifier
     from lightning_bpfree.data import fashion_mnist
 
     L.seed_everything(seed, verbose=False)

@@ -1,6 +1,6 @@
 """A small vision transformer whose attention is SOFT or softmax, for like-for-like comparisons.
 
-Plain PyTorch; :class:`lightning_bpfree.attention.lightning.ViTClassifier` trains it with Lightning.
+Plain PyTorch; :class:`lightning_bpfree.attention.module.ViTClassifier` trains it with Lightning.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from lightning_bpfree._lazy import lazy_exports
 from lightning_bpfree.attribution.baselines import (
     attention_attribution,
     gradient_x_input,
@@ -33,6 +36,11 @@ from lightning_bpfree.attribution.samplers import (
     UniformTokenSampler,
 )
 
+if TYPE_CHECKING:
+    from lightning_bpfree.attribution.callback import ReAGentCallback
+
+_EXPORTS = {"ReAGentCallback": "lightning_bpfree.attribution.callback"}
+
 __all__ = [
     "Comprehensiveness",
     "FrequencyTokenSampler",
@@ -54,11 +62,4 @@ __all__ = [
     "random_attribution",
     "reagent_attribution",
 ]
-
-
-def __getattr__(name: str):
-    if name == "ReAGentCallback":
-        from lightning_bpfree.attribution.callback import ReAGentCallback
-
-        return ReAGentCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -185,12 +185,3 @@ def _run_probes(
         )
         importance = importance.mean(0)
     return ReAGentResult(importance, target, target_prob, steps, converged, forward_passes)
-
-
-def __getattr__(name: str):
-    # The Lightning layer is imported only when asked for, so the numerics never import Lightning.
-    if name == "ReAGentCallback":
-        from lightning_bpfree.attribution.callback import ReAGentCallback
-
-        return ReAGentCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

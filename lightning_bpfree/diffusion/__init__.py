@@ -1,19 +1,21 @@
-"""AdjointDPM: gradients through diffusion sampling by the adjoint probability-flow ODE.
+"""AdjointDPM (Pan et al., ICLR 2024): gradients through diffusion sampling by the adjoint
+probability-flow ODE.
 
-``AdjointSampler`` (plain PyTorch) is imported eagerly; ``AdjointDPMCustomization`` imports Lightning, so
-it loads on first access.
+``adjoint.py`` holds the sampler (plain PyTorch); ``module.py`` the ``AdjointDPMCustomization``
+LightningModule, which loads on first use; ``bench.py`` is ``bpfree diffusion-bench``.
 """
 
-from typing import Any
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from lightning_bpfree._lazy import lazy_exports
 from lightning_bpfree.diffusion.adjoint import AdjointSampler, ProbabilityFlowODE, rho_of_alphas_cumprod
 
+if TYPE_CHECKING:
+    from lightning_bpfree.diffusion.module import AdjointDPMCustomization
+
+_EXPORTS = {"AdjointDPMCustomization": "lightning_bpfree.diffusion.module"}
+
 __all__ = ["AdjointDPMCustomization", "AdjointSampler", "ProbabilityFlowODE", "rho_of_alphas_cumprod"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AdjointDPMCustomization":
-        from lightning_bpfree.diffusion.customization import AdjointDPMCustomization
-
-        return AdjointDPMCustomization
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

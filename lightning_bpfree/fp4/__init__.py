@@ -1,21 +1,33 @@
 """FP4 training precision: bit-exact NVFP4 / MXFP4 / UE5M3 / UE4M3 emulation, FP4 linear layers and
 the ``NVFP4Precision`` / ``FP4Precision`` Lightning plugins.
 
-The numerics (``formats``, ``quantize``, ``hadamard``, ``linear``, ``recipe``) are plain PyTorch; the
-Lightning plugins live in ``plugin`` and are imported lazily.
+The numerics (``formats``, ``quantize``, ``hadamard``, ``linear``, ``recipe``, ``convert``) are plain
+PyTorch; the Lightning precision plugins live in ``precision.py`` and load on first use; ``bench.py`` is
+``bpfree fp4-bench``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from lightning_bpfree._lazy import lazy_exports
+from lightning_bpfree.fp4.convert import ConversionReport, convert_to_fp4, fp4_layers
 from lightning_bpfree.fp4.formats import E8M0, FORMATS, UE4M3, UE5M3, FP4Format, ScaleFormat, round_to_e2m1
 from lightning_bpfree.fp4.hadamard import hadamard_matrix, random_hadamard_transform
 from lightning_bpfree.fp4.linear import FP4Linear, FP4LinearFunction, fp4_linear
 from lightning_bpfree.fp4.quantize import QuantizedTensor, dequantize, fake_quantize, quantize
 from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec
 
+if TYPE_CHECKING:
+    from lightning_bpfree.fp4.precision import FP4Precision, NVFP4Precision
+
+_EXPORTS = {
+    "FP4Precision": "lightning_bpfree.fp4.precision",
+    "NVFP4Precision": "lightning_bpfree.fp4.precision",
+}
+
 __all__ = [
+    "ConversionReport",
     "E8M0",
     "FORMATS",
     "FP4Format",
@@ -29,19 +41,14 @@ __all__ = [
     "ScaleFormat",
     "UE4M3",
     "UE5M3",
+    "convert_to_fp4",
     "dequantize",
     "fake_quantize",
+    "fp4_layers",
     "fp4_linear",
     "hadamard_matrix",
     "quantize",
     "random_hadamard_transform",
     "round_to_e2m1",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("NVFP4Precision", "FP4Precision", "convert_to_fp4"):
-        from lightning_bpfree.fp4 import plugin
-
-        return getattr(plugin, name)
-    raise AttributeError(f"module 'lightning_bpfree.fp4' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -98,7 +98,7 @@ def make_task(hidden_size: int, num_layers: int, lr: float, max_steps: int, seed
 
 def plugin_for(config: str, max_steps: int, keep_last_n: int):
     """The Trainer arguments (``precision`` or ``plugins``) of one sweep configuration."""
-    from lightning_bpfree.fp4.plugin import FP4Precision, NVFP4Precision
+    from lightning_bpfree.fp4.precision import FP4Precision, NVFP4Precision
     from lightning_bpfree.fp4.recipe import FP4Recipe
 
     keep = dict(high_precision_last_n=keep_last_n)

@@ -2,14 +2,15 @@
 
 The LightningModules :class:`NoPropDT`, :class:`NoPropCT`, :class:`NoPropFM` (and the
 :class:`BackpropBaseline` they are compared with) load lazily, so the plain-PyTorch numerics in
-``schedules``, ``backbone`` and ``algorithms`` import without Lightning.
+``schedules``, ``backbone`` and ``algorithms`` import without Lightning; ``bench.py`` is
+``bpfree noprop-bench``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
+from lightning_bpfree._lazy import lazy_exports
 from lightning_bpfree.noprop.algorithms import NoPropCTNet, NoPropDTNet, NoPropFMNet, noprop_dt_step
 from lightning_bpfree.noprop.backbone import (
     BackpropClassifier,
@@ -24,16 +25,24 @@ from lightning_bpfree.noprop.schedules import (
     dt_loss_weights,
 )
 
-_LIGHTNING = ("NoPropDT", "NoPropCT", "NoPropFM", "BackpropBaseline")
+if TYPE_CHECKING:
+    from lightning_bpfree.noprop.module import BackpropBaseline, NoPropCT, NoPropDT, NoPropFM
+
+_EXPORTS = {
+    name: "lightning_bpfree.noprop.module" for name in ("NoPropDT", "NoPropCT", "NoPropFM", "BackpropBaseline")
+}
 
 __all__ = [
-    *_LIGHTNING,
+    "BackpropBaseline",
     "BackpropClassifier",
     "ClassEmbedding",
     "DenoiserBlock",
     "LearnableNoiseSchedule",
+    "NoPropCT",
     "NoPropCTNet",
+    "NoPropDT",
     "NoPropDTNet",
+    "NoPropFM",
     "NoPropFMNet",
     "class_prototypes",
     "cosine_alpha_bar",
@@ -41,9 +50,4 @@ __all__ = [
     "dt_loss_weights",
     "noprop_dt_step",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LIGHTNING:
-        return getattr(importlib.import_module("lightning_bpfree.noprop.modules"), name)
-    raise AttributeError(f"module 'lightning_bpfree.noprop' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

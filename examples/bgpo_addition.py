@@ -1,7 +1,7 @@
 """Teach a small masked-diffusion LM 2-digit addition: supervised warm-up, then BGPO with an exact-answer reward.
 
-    .venv/bin/python examples/rl_bgpo_addition.py                  # ~2 minutes on two CPU cores
-    .venv/bin/python examples/rl_bgpo_addition.py --objective diffu-grpo
+    .venv/bin/python examples/bgpo_addition.py                  # ~2 minutes on two CPU cores
+    .venv/bin/python examples/bgpo_addition.py --objective diffu-grpo
 
 Prints held-out accuracy after the warm-up and after RL, and the rollout reward every 10 RL steps.
 """
@@ -14,9 +14,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_bpfree.rl import BGPO
-from lightning_bpfree.rl.bgpo_module import MaskedDiffusionSFT
-from lightning_bpfree.rl.tasks import AdditionTask
+from lightning_bpfree.bgpo import BGPO
+from lightning_bpfree.bgpo.module import MaskedDiffusionSFT
+from lightning_bpfree.bgpo.tasks import AdditionTask
 
 
 def main() -> None:

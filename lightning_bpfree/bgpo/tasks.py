@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_bpfree.rl.diffusion_lm import MaskedDiffusionLM, tiny_diffusion_lm
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, tiny_diffusion_lm
 
 
 class AdditionTask:

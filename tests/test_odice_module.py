@@ -8,9 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
-from lightning_bpfree.rl import ODICE
-from lightning_bpfree.rl.datasets import OfflineDataset, make_dataset, offline_dataloader, rollout, single_thread
-from lightning_bpfree.rl.odice import OfflineEvaluation
+from lightning_bpfree.odice import ODICE
+from lightning_bpfree.odice.behaviour import make_dataset
+from lightning_bpfree.odice.callback import OfflineEvaluation
+from lightning_bpfree.odice.datasets import OfflineDataset, offline_dataloader, rollout, single_thread
 
 
 @pytest.fixture(autouse=True)

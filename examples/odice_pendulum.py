@@ -1,6 +1,6 @@
 """Offline RL with ODICE on a Pendulum dataset collected locally (nothing downloads).
 
-    .venv/bin/python examples/rl_odice_pendulum.py --kind medium-expert --steps 10000
+    .venv/bin/python examples/odice_pendulum.py --kind medium-expert --steps 10000
 
 Collects (or loads from ``--cache-dir``) a D4RL-style dataset, trains the ODICE LightningModule with
 the orthogonal gradient with the ``bpfree odice-bench`` settings (lam 0.5, 64x64 MLPs, Adam 1e-3,
@@ -15,9 +15,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_bpfree.rl import ODICE
-from lightning_bpfree.rl.datasets import DATASET_KINDS, load_or_make_datasets, normalized_return, offline_dataloader
-from lightning_bpfree.rl.odice import GRADIENTS, OfflineEvaluation
+from lightning_bpfree.odice import ODICE
+from lightning_bpfree.odice.behaviour import load_or_make_datasets
+from lightning_bpfree.odice.callback import OfflineEvaluation
+from lightning_bpfree.odice.datasets import DATASET_KINDS, normalized_return, offline_dataloader
+from lightning_bpfree.odice.module import GRADIENTS
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lightning_bpfree.rl import bgpo_loss
-from lightning_bpfree.rl.bgpo import (
+from lightning_bpfree.bgpo import bgpo_loss
+from lightning_bpfree.bgpo.losses import (
     diffu_grpo_loss,
     elbo_ratio_loss,
     group_relative_advantages,

@@ -5,20 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_bpfree.rl.datasets import (
+from lightning_bpfree.odice.behaviour import make_dataset, pendulum_expert, train_behaviour_policy
+from lightning_bpfree.odice.datasets import (
     FIELDS,
     REFERENCE_RETURNS,
     OfflineBatches,
     OfflineDataset,
     evaluate_policy,
-    make_dataset,
     make_env,
     normalized_return,
-    pendulum_expert,
     reward_scale_for,
     rollout,
     single_thread,
-    train_behaviour_policy,
 )
 
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lightning_bpfree.rl import ODICE, orthogonal_project
-from lightning_bpfree.rl.datasets import single_thread
-from lightning_bpfree.rl.odice_core import f_prime_inverse, f_star, gradient_cosine
+from lightning_bpfree.odice import ODICE, orthogonal_project
+from lightning_bpfree.odice.core import f_prime_inverse, f_star, gradient_cosine
+from lightning_bpfree.odice.datasets import single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """``bpfree odice-bench``: orthogonal vs semi vs true gradient ODICE on the same offline datasets.
 
 For every dataset kind (collected once from gymnasium and cached as ``.npz``), every gradient rule and
-every seed, an :class:`~lightning_bpfree.rl.odice.ODICE` module is trained in a Lightning Trainer with
-the :class:`~lightning_bpfree.rl.odice.OfflineEvaluation` callback. Reported: the final normalized
+every seed, an :class:`~lightning_bpfree.odice.module.ODICE` module is trained in a Lightning Trainer with
+the :class:`~lightning_bpfree.odice.module.OfflineEvaluation` callback. Reported: the final normalized
 return (mean of the last two evaluations; 0 = random policy, 100 = expert), its mean and standard
 deviation over seeds, and the mean cos(g_forward, g_backward) over training. Writes
 ``odice-bench.json``, ``odice-bench.md`` (the table) and ``odice-bench.png`` (curves) to ``--out``.
@@ -53,8 +53,9 @@ def train_one(
     import lightning as L
     import torch
 
-    from lightning_bpfree.rl.datasets import OfflineDataset, offline_dataloader
-    from lightning_bpfree.rl.odice import ODICE, OfflineEvaluation
+    from lightning_bpfree.odice.callback import OfflineEvaluation
+    from lightning_bpfree.odice.datasets import OfflineDataset, offline_dataloader
+    from lightning_bpfree.odice.module import ODICE
 
     data = OfflineDataset.load(dataset_path)
     L.seed_everything(seed, verbose=False)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lightning_bpfree.rl.datasets import DATASET_KINDS, load_or_make_datasets, normalized_return
+    from lightning_bpfree.odice.behaviour import load_or_make_datasets
+    from lightning_bpfree.odice.datasets import DATASET_KINDS, normalized_return
 
     bad = [k for k in args.datasets if k not in DATASET_KINDS]
     if bad:

@@ -11,7 +11,7 @@ semi-gradient; keeping both is the true gradient, whose two parts often cancel. 
 part and adds only the component of the backward part orthogonal to it (:func:`orthogonal_project`).
 The policy is then extracted by weighted behaviour cloning with weights (f')^{-1}(forward residual).
 
-This file has no Lightning import; :mod:`lightning_bpfree.rl.odice` wraps it in a LightningModule.
+This file has no Lightning import; :mod:`lightning_bpfree.odice.module` wraps it in a LightningModule.
 """
 
 from __future__ import annotations

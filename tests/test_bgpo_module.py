@@ -10,11 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bpfree.rl import BGPO, bgpo_loss
-from lightning_bpfree.rl.bgpo import accumulate_policy_gradient, elbo_ratio_loss, prepare_policy_batch
-from lightning_bpfree.rl.bgpo_module import MaskedDiffusionSFT
-from lightning_bpfree.rl.diffusion_lm import MaskedDiffusionLM, tiny_diffusion_lm
-from lightning_bpfree.rl.tasks import AdditionTask
+from lightning_bpfree.bgpo import BGPO, bgpo_loss
+from lightning_bpfree.bgpo.losses import accumulate_policy_gradient, elbo_ratio_loss, prepare_policy_batch
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, tiny_diffusion_lm
+from lightning_bpfree.bgpo.module import MaskedDiffusionSFT
+from lightning_bpfree.bgpo.tasks import AdditionTask
 
 
 def _trainer(steps: int) -> L.Trainer:

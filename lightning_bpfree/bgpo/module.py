@@ -1,7 +1,7 @@
 """Lightning layer of BGPO: the RL LightningModule and the supervised warm-up LightningModule.
 
 The numerics (losses, Monte Carlo draws, gradient accumulation) live in
-:mod:`lightning_bpfree.rl.bgpo`; this file only wires them into Lightning's manual optimisation.
+:mod:`lightning_bpfree.bgpo.losses`; this file only wires them into Lightning's manual optimisation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_bpfree.rl.bgpo import (
+from lightning_bpfree.bgpo.losses import (
     OBJECTIVES,
     _check_clip,
     accumulate_policy_gradient,
@@ -21,7 +21,7 @@ from lightning_bpfree.rl.bgpo import (
     prepare_policy_batch,
     stratified_mask_counts,
 )
-from lightning_bpfree.rl.diffusion_lm import MaskedDiffusionLM
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
 
 RewardFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -45,7 +45,7 @@ class BGPO(L.LightningModule):
     peak memory does not grow with ``num_mc_samples``.
 
     Args:
-        policy: the :class:`~lightning_bpfree.rl.diffusion_lm.MaskedDiffusionLM` to train.
+        policy: the :class:`~lightning_bpfree.bgpo.masked_lm.MaskedDiffusionLM` to train.
         reward_fn: ``reward_fn(prompts (N, P), responses (N, R)) -> (N,)`` float rewards.
         response_length: tokens per response ``R``.
         group_size: rollouts per prompt (>= 2); the paper's recipe uses 8.

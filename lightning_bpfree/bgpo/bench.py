@@ -53,8 +53,8 @@ def memory_probe(
     seed: int = 0,
 ) -> dict[str, Any]:
     """One policy update on random rollouts; run it through ``run_in_subprocess`` to read its peak RSS."""
-    from lightning_bpfree.rl.bgpo import accumulate_policy_gradient, prepare_policy_batch
-    from lightning_bpfree.rl.diffusion_lm import tiny_diffusion_lm
+    from lightning_bpfree.bgpo.losses import accumulate_policy_gradient, prepare_policy_batch
+    from lightning_bpfree.bgpo.masked_lm import tiny_diffusion_lm
 
     torch.manual_seed(seed)
     length = prompt_length + response_length
@@ -88,7 +88,7 @@ def memory_sweep(quick: bool, seed: int) -> list[dict[str, Any]]:
     rows = []
     for objective, n_t in progress(configs, desc="memory (subprocess per config)"):
         result = run_in_subprocess(
-            "lightning_bpfree.rl.bgpo_bench:memory_probe",
+            "lightning_bpfree.bgpo.bench:memory_probe",
             objective=objective,
             num_mc_samples=n_t,
             seed=seed,
@@ -152,8 +152,8 @@ def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_bpfree.rl.bgpo_module import BGPO, MaskedDiffusionSFT
-    from lightning_bpfree.rl.tasks import AdditionTask
+    from lightning_bpfree.bgpo.module import BGPO, MaskedDiffusionSFT
+    from lightning_bpfree.bgpo.tasks import AdditionTask
 
     settings = {
         "num_digits": 1 if quick else 2,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lightning_bpfree.rl.bgpo_bench import main, memory_probe
+from lightning_bpfree.bgpo.bench import main, memory_probe
 
 
 def test_memory_probe_bgpo_and_naive_take_the_same_step():
