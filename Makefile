@@ -30,9 +30,9 @@ test-slow: $(STAMP)
 
 # The CI-sized run of every benchmark that has no slow test of its own.
 bench-quick: $(STAMP)
-	$(VENV)/bin/bpfree zo-memory --quick --out bpfree-results/quick/zo-memory
+	$(VENV)/bin/bpfree zo-bench --quick --part memory --out bpfree-results/quick/zo-bench
 	$(VENV)/bin/bpfree zo-bench --quick --out bpfree-results/quick/zo-bench
-	$(VENV)/bin/bpfree fp4-sweep --quick --out bpfree-results/quick/fp4-sweep
+	$(VENV)/bin/bpfree fp4-bench --quick --out bpfree-results/quick/fp4-bench
 	$(VENV)/bin/bpfree odice-bench --quick --out bpfree-results/quick/odice-bench
 
 lint: $(STAMP)

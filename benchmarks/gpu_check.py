@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py OUT_DIR
 
-1. ``bpfree zo-memory`` on CUDA: peak ``torch.cuda.max_memory_allocated`` and seconds per step of
+1. ``bpfree zo-bench --part memory`` on CUDA: peak ``torch.cuda.max_memory_allocated`` and seconds per step of
    no-grad inference, a ZO-SGD step through the callback, FO-SGD and FO-AdamW (100 M OPT-style model).
 2. FP4 emulation on CUDA: ``fake_quantize`` bit-identical to the CPU result for every format,
    1D and 2D blocks, fp32 and bf16 inputs; stochastic rounding unbiased; an ``FP4Linear``
@@ -55,13 +55,13 @@ def part(name):
 
 @part("zo_memory_cuda")
 def zo_memory():
-    from lightning_bpfree.zo import memory_bench
+    from lightning_bpfree.zo import bench
 
     if DEVICE != "cuda":
         return {"skipped": "no CUDA"}
 
-    memory_bench.main(["--device", "cuda", "--out", str(OUT / "zo-memory"), "--steps", "5"])
-    return json.loads((OUT / "zo-memory" / "zo-memory.json").read_text())
+    bench.main(["--part", "memory", "--device", "cuda", "--out", str(OUT / bench.NAME), "--steps", "5"])
+    return json.loads((OUT / bench.NAME / f"{bench.NAME}-memory.json").read_text())
 
 
 @part("fp4_cuda_vs_cpu")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bpfree import ReAGentCallback
-from lightning_bpfree.attribution.toy import VOCAB_SIZE, retrieval_batch
+from lightning_bpfree.attribution.retrieval_task import VOCAB_SIZE, retrieval_batch
 from lightning_bpfree.models import tiny_causal_lm
 
 

@@ -18,8 +18,8 @@ import torch
 from lightning_bpfree.odice import ODICE
 from lightning_bpfree.odice.behaviour import load_or_make_datasets
 from lightning_bpfree.odice.callback import OfflineEvaluation
+from lightning_bpfree.odice.core import GRADIENTS
 from lightning_bpfree.odice.datasets import DATASET_KINDS, normalized_return, offline_dataloader
-from lightning_bpfree.odice.module import GRADIENTS
 
 
 def main() -> None:

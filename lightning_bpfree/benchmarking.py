@@ -1,8 +1,11 @@
-"""Shared machinery of the ``bpfree`` benchmarks: peak memory in a fresh subprocess, tables, JSON, plots.
+"""Shared machinery of the ``bpfree`` benchmarks: peak memory in a fresh subprocess, tables, JSON,
+plots.
 
-Every benchmark subcommand prints a table, writes a JSON of its figures and a PNG plot into an output
-folder. Peak memory is never read in the process that runs the benchmark: each configuration runs in
-its own interpreter so that allocator caches and earlier configurations cannot leak into the number.
+Every benchmark subcommand prints a table, writes a JSON of its figures and a PNG plot into an
+output folder (:func:`bench_parser` gives the shared options, :func:`finish` the shared ending,
+:func:`torch_threads` and :func:`using_threads` the thread count). Peak memory is never read in the
+process that runs the benchmark: each configuration runs in its own interpreter so that allocator
+caches and earlier configurations cannot leak into the number.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +89,31 @@ def run_in_subprocess(
     raise RuntimeError(f"{target} failed in its subprocess (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def torch_threads() -> int:
-    """Threads for torch in benchmarks: ``BPFREE_THREADS`` or the number of CPU cores."""
-    return int(os.environ.get("BPFREE_THREADS", os.cpu_count() or 1))
+def torch_threads(requested: int | None = None, default: int | None = None) -> int:
+    """Threads for torch in a benchmark: ``requested`` (a ``--threads`` option) when given, else the
+    ``BPFREE_THREADS`` environment variable, else ``default`` (a benchmark's own choice, e.g. 1 for
+    networks too small to gain from threads), else the number of CPU cores."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    if "BPFREE_THREADS" in os.environ:
+        return int(os.environ["BPFREE_THREADS"])
+    return default if default is not None else os.cpu_count() or 1
+
+
+@contextmanager
+def using_threads(threads: int) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)``; the previous count comes back afterwards,
+    so that a benchmark called from Python (tests, notebooks) leaves the process as it found it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -128,6 +154,41 @@ def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=Path("bpfree-results") / name, help="output folder")
     parser.add_argument("--quick", action="store_true", help="a small, fast configuration (for CI)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def bench_parser(name: str, doc: str | None, *, threads_default: str = "all cores") -> argparse.ArgumentParser:
+    """The parser of ``bpfree <name>`` with the options every benchmark shares.
+
+    ``--out`` / ``--quick`` / ``--seed`` (:func:`add_output_args`) and ``--threads`` (``None`` unless
+    given: resolve it with :func:`torch_threads`); the description is the first paragraph of ``doc``
+    (the module docstring). ``threads_default`` describes the benchmark's own default in the help.
+    """
+    parser = argparse.ArgumentParser(prog=f"bpfree {name}", description=(doc or "").split("\n\n")[0])
+    add_output_args(parser, name)
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads (default: BPFREE_THREADS, else {threads_default})")  # fmt: skip
+    return parser
+
+
+def finish(
+    out_dir: Path,
+    name: str,
+    figures: dict[str, Any],
+    report: str,
+    plot: Callable[[Path], Any] | None = None,
+) -> Path:
+    """The end of every benchmark: print ``report`` (the table and its verdicts), write
+    ``<out_dir>/<name>.json`` (``figures``) and ``<name>.md`` (``report``), draw ``<name>.png`` with
+    ``plot(path)``, and say where they are. Returns the JSON path."""
+    print(report)
+    path = write_results(out_dir, name, figures, report)
+    written = [path, path.with_suffix(".md")]
+    if plot is not None:
+        png = path.with_suffix(".png")
+        plot(png)
+        written.append(png)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return path
 
 
 def write_results(out_dir: Path, name: str, figures: dict[str, Any], table: str | None = None) -> Path:

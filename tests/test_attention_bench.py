@@ -1,4 +1,4 @@
-"""The ViT LightningModule and the ``bpfree soft-bench`` command."""
+"""The ViT LightningModule and the ``bpfree attention-bench`` command."""
 
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ def test_soft_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
          "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
-    figures = json.loads((tmp_path / "soft-bench.json").read_text())
+    figures = json.loads((tmp_path / "attention-bench.json").read_text())
     measured = {(p["method"], p["tokens"]) for p in figures["scaling"] if "seconds" in p}
     assert measured == {("soft", 128), ("soft", 256)}  # one subprocess for both lengths with --quick
     assert set(figures["summary"]["exponent"]) == {"soft"}
     assert all(p["peak_mib"] > 0 for p in figures["scaling"])
-    assert (tmp_path / "soft-bench.png").stat().st_size > 10_000
+    assert (tmp_path / "attention-bench.png").stat().st_size > 10_000
     assert "| N | soft s |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--lengths", "100", "--out", str(tmp_path)])

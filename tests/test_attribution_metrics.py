@@ -162,3 +162,15 @@ def test_bad_inputs_raise_clearly():
         Sufficiency(model, top_k=0)
     with pytest.raises(ValueError, match="ratio"):
         Comprehensiveness(model, ratio=1.5)
+
+
+def test_soft_faithfulness_is_both_soft_metrics_on_one_explanation():
+    from lightning_bpfree.attribution.metrics import soft_faithfulness
+
+    model = BagOfEmbeddings()
+    ids, importance = torch.tensor([1, 5, 7, 2]), torch.tensor([0.1, 0.6, 0.2, 0.4])
+    scores = soft_faithfulness(model, ids, importance, 3, seed=7, num_samples=2)
+    for key, metric_class in (("soft_ns", SoftSufficiency), ("soft_nc", SoftComprehensiveness)):
+        metric = metric_class(model, seed=7, num_samples=2)
+        metric.update(ids, importance, 3)
+        assert scores[key] == pytest.approx(float(metric.compute()), nan_ok=True)

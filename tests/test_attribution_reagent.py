@@ -10,7 +10,7 @@ from lightning_bpfree.attribution import (
     UniformTokenSampler,
     reagent_attribution,
 )
-from lightning_bpfree.attribution.toy import PAIRS, retrieval_batch, train_retrieval_model
+from lightning_bpfree.attribution.retrieval_task import PAIRS, retrieval_batch, train_retrieval_model
 from lightning_bpfree.models import tiny_causal_lm
 
 

@@ -21,8 +21,8 @@ def test_memory_probe_bgpo_and_naive_take_the_same_step():
 @pytest.mark.slow
 def test_quick_benchmark_writes_results_and_memory_is_flat(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
-    figures = json.loads((tmp_path / "bgpo_bench.json").read_text())
-    assert (tmp_path / "bgpo_bench.png").stat().st_size > 10_000
+    figures = json.loads((tmp_path / "bgpo-bench.json").read_text())
+    assert (tmp_path / "bgpo-bench.png").stat().st_size > 10_000
     rows = {(r["objective"], r["n_t"]): r for r in figures["memory"]}
     assert figures["bgpo_peak_64_over_1"] <= 1.2
     naive_growth = rows[("naive", 64)]["above_import_mib"] - rows[("naive", 1)]["above_import_mib"]

@@ -1,4 +1,4 @@
-"""``bpfree adjoint-bench --quick`` end to end (subprocesses: slow)."""
+"""``bpfree diffusion-bench --quick`` end to end (subprocesses: slow)."""
 
 import json
 
@@ -10,7 +10,7 @@ from lightning_bpfree.diffusion import bench
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
-    figures = json.loads((tmp_path / "adjoint_bench.json").read_text())
+    figures = json.loads((tmp_path / "diffusion-bench.json").read_text())
     rows = figures["rows"]
     assert {(r["mode"], r["steps"]) for r in rows} == {(m, n) for m in bench.MODES for n in (4, 8)}
     for row in rows:
@@ -18,7 +18,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
             assert all(row[f"cos_{t}"] > 0.9999 for t in bench.TARGETS)
         else:
             assert row["unet_calls"] == 2 * row["steps"]  # forward solve + adjoint solve
-    assert (tmp_path / "adjoint_bench.png").stat().st_size > 10_000
+    assert (tmp_path / "diffusion-bench.png").stat().st_size > 10_000
 
 
 def test_summary_reports_memory_ratio_and_first_step_count_reaching_cosine_0_99():

@@ -110,3 +110,20 @@ def test_weights_target_with_filter_improves_and_changes_only_matching_weights()
 def test_bad_arguments_are_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):
         AdjointDPMCustomization(tiny_unet(), DDIMScheduler(), bright_top_half, **kwargs)
+
+
+def test_target_helpers_work_without_lightning():
+    from lightning_bpfree.diffusion.targets import objective_loss, sample_shape_of, select_trainable_weights
+
+    unet = tiny_unet()
+    names = [name for name, _ in unet.named_parameters()]
+    trainable = select_trainable_weights(unet, "conv_out", train=True)
+    assert trainable == sum("conv_out" in name for name in names) > 0
+    assert all(p.requires_grad == ("conv_out" in n) for n, p in unet.named_parameters())
+    assert select_trainable_weights(unet, None, train=False) == 0
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert sample_shape_of(unet) == (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    assert sample_shape_of(unet, noise=torch.zeros(2, 3, 4, 5)) == (3, 4, 5)
+    assert objective_loss(torch.tensor([1.0, 3.0])).item() == 2.0
+    with pytest.raises(TypeError, match="floating-point"):
+        objective_loss(torch.tensor([1, 3]))

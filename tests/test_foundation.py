@@ -1,5 +1,6 @@
 """The shared pieces: benchmarking helpers, the console script, embedded data and models."""
 
+import importlib
 import subprocess
 import sys
 
@@ -38,9 +39,78 @@ def test_format_table():
 def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "zo-memory", "zo-bench", "fp4-sweep", "noprop-bench"):
+    for name in ("demo", "zo-bench", "fp4-bench", "noprop-bench"):
         assert name in out
     assert cli.main(["no-such-command"]) == 2
+
+
+CAPABILITIES = ("zo", "fp4", "attention", "diffusion", "noprop", "odice", "bgpo", "attribution")
+
+
+def test_cli_help_lists_exactly_demo_and_one_bench_per_capability(capsys):
+    assert cli.main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[lines.index("commands:") + 1 :] if line.startswith("  ")]
+    assert listed == ["demo", *(f"{c}-bench" for c in CAPABILITIES)]
+    assert list(cli.COMMANDS) == listed
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_maps_to_a_module_with_main_that_names_itself(name):
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    assert callable(module.main)
+    assert cli.command_name(module.__name__) == name
+    assert getattr(module, "NAME", name) == name  # the output folder and file stem
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "options"),
+    [("zo-memory", "zo-bench", ["--part", "memory"]), ("fp4-sweep", "fp4-bench", []),
+     ("soft-bench", "attention-bench", []), ("adjoint-bench", "diffusion-bench", [])],
+)  # fmt: skip
+def test_old_names_dispatch_to_the_new_command_with_a_notice(old, new, options, monkeypatch, capsys):
+    module = importlib.import_module(cli.COMMANDS[new][0])
+    calls = []
+    monkeypatch.setattr(module, "main", lambda argv: calls.append(argv) or 0)
+    assert cli.main([old, "--quick", "--out", "x"]) == 0
+    assert calls == [[*options, "--quick", "--out", "x"]]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "deprecated" in err[0] and new in err[0]
+    assert old not in cli.COMMANDS
+
+
+def test_command_name_refuses_a_module_without_command():
+    with pytest.raises(KeyError, match="COMMANDS"):
+        cli.command_name("lightning_bpfree.fp4.quantize")
+
+
+def test_torch_threads_order_and_using_threads_restores(monkeypatch):
+    monkeypatch.delenv("BPFREE_THREADS", raising=False)
+    assert benchmarking.torch_threads(3, default=1) == 3
+    assert benchmarking.torch_threads(None, default=1) == 1
+    assert benchmarking.torch_threads() >= 1
+    monkeypatch.setenv("BPFREE_THREADS", "2")
+    assert benchmarking.torch_threads(None, default=1) == 2
+    with pytest.raises(ValueError, match="--threads"):
+        benchmarking.torch_threads(0)
+    before = torch.get_num_threads()
+    with benchmarking.using_threads(1) as threads:
+        assert threads == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_finish_prints_and_writes_json_table_and_plot(tmp_path, capsys):
+    def plot(path):
+        fig, (ax,) = benchmarking.new_figure()
+        ax.plot([0, 1], [1, 0])
+        benchmarking.save_figure(fig, path)
+
+    path = benchmarking.finish(tmp_path / "out", "x-bench", {"a": 1.5}, "| a |\n|---|\n| 1.5 |", plot)
+    assert path == tmp_path / "out" / "x-bench.json" and path.read_text().startswith("{")
+    assert (tmp_path / "out" / "x-bench.md").read_text() == "| a |\n|---|\n| 1.5 |\n"
+    assert (tmp_path / "out" / "x-bench.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert out.startswith("| a |") and "x-bench.png" in out.splitlines()[-1]
 
 
 def test_console_script_entry_point():

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bpfree import FP4Precision, FP4Recipe, NVFP4Precision
 from lightning_bpfree.fp4 import FP4Linear
 from lightning_bpfree.fp4 import precision as precision_module
+from lightning_bpfree.fp4 import transformer_engine as te_module
 from lightning_bpfree.fp4.bench import byte_blocks, make_task
 from lightning_bpfree.fp4.convert import convert_to_fp4, matches_pattern
 from lightning_bpfree.models import tiny_causal_lm
@@ -116,7 +117,7 @@ def test_full_switch_turns_layers_back_into_plain_linears():
 
 def test_transformer_engine_is_selected_only_on_nvfp4_hardware(monkeypatch):
     recipe = FP4Recipe()
-    monkeypatch.setattr(precision_module, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(te_module, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (10, 0))
     assert precision_module.select_backend("auto", recipe) == "transformer_engine"
@@ -144,7 +145,7 @@ def test_transformer_engine_backend_swaps_in_te_layers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te_pytorch)
     monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", te_recipe)
-    monkeypatch.setattr(precision_module, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(te_module, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (10, 3))
     plugin = NVFP4Precision(FP4Recipe(stochastic_rounding=False))

@@ -11,7 +11,7 @@ def test_command_writes_table_json_and_plot_with_exact_memory_accounting(tmp_pat
     def in_process(target, threads=None, **kwargs):  # the subprocess is the shared helper's job
         return {**bench.run_config(**kwargs), "peak_rss_bytes": 1 << 30}
 
-    monkeypatch.setattr(bench, "run_in_subprocess", in_process)
+    monkeypatch.setattr(bench.benchmarking, "run_in_subprocess", in_process)
     only = ["zo-sgd", "zo-adam", "fo-adamw", "zo-sgd lora"]
     assert bench.main(["--quick", "--steps", "2", "--seq-len", "16", "--out", str(tmp_path), "--only", *only]) == 0
     rows = {bench.label(r): r for r in json.loads((tmp_path / "zo-bench.json").read_text())["rows"]}
@@ -29,3 +29,18 @@ def test_command_writes_table_json_and_plot_with_exact_memory_accounting(tmp_pat
     assert "memory order" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--only"):
         bench.main(["--quick", "--out", str(tmp_path), "--only", "sgd"])
+
+
+def test_memory_part_writes_its_own_files_in_the_command_folder(tmp_path, monkeypatch):
+    def in_process(target, threads=None, **kwargs):
+        assert target.endswith(":measure_memory") and threads >= 1
+        return {**bench.measure_memory(**kwargs), "peak_rss_bytes": 1 << 30}
+
+    monkeypatch.setattr(bench.benchmarking, "run_in_subprocess", in_process)
+    argv = ["--part", "memory", "--quick", "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--threads", "1"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / f"{bench.NAME}-memory.json").read_text())
+    assert [row["mode"] for row in figures["rows"]] == list(bench.MEMORY_MODES)
+    assert all(row["s/step"] > 0 for row in figures["rows"]) and "ZO-SGD extra memory" in figures["verdict"]
+    assert (tmp_path / f"{bench.NAME}-memory.png").stat().st_size > 10_000
+    assert not (tmp_path / f"{bench.NAME}.json").exists()  # the methods part's files are not touched

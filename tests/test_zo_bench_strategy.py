@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_bpfree.zo import make_optimizer
-from lightning_bpfree.zo.strategy import all_reduce_mean
+from lightning_bpfree.zo.distributed import all_reduce_mean
 
 NAMES = ("zo-sgd", "zo-adam", "forward-grad")
 

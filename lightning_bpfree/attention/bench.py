@@ -1,4 +1,4 @@
-"""``bpfree soft-bench``: SOFT against softmax attention, time and memory against sequence length.
+"""``bpfree attention-bench``: SOFT against softmax attention, time and memory against sequence length.
 
 Part 1 (scaling): forward + backward of one attention layer (``dim`` 64, 2 heads) on ``[1, N, 64]``
 for SOFT, PyTorch SDPA, eager softmax and transformers' Nystromformer self-attention; each
@@ -9,7 +9,8 @@ time ~ N^k, SOFT's time(16k) / time(4k) (target <= 5) and SOFT's memory at 16k a
 Part 2 (accuracy): a small ViT trained with Lightning on real Fashion-MNIST, SOFT against softmax
 (SDPA) attention, same data, steps and seed; test accuracy, time and memory side by side.
 
-Writes ``soft-bench.json``, ``soft-bench.md`` and ``soft-bench.png`` (+ ``soft-vit.png``) to ``--out``.
+Writes ``attention-bench.json``, ``attention-bench.md`` and ``attention-bench.png`` (+ ``attention-bench-vit.png``)
+to ``--out``.
 """
 
 from __future__ import annotations
@@ -20,18 +21,10 @@ import math
 import time
 from typing import Any
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    median_seconds,
-    mib,
-    new_figure,
-    peak_rss_bytes,
-    progress,
-    run_in_subprocess,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
+
+NAME = command_name(__name__)
 
 METHODS = ("soft", "sdpa", "eager", "nystromformer")
 FULL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -71,7 +64,6 @@ def scaling_series(
     in increasing order; with ``--quick`` several share a process, and memory the allocator kept from a
     shorter length can hide part of a longer one's; the full benchmark gives every length its own process.
     """
-    
     import psutil
     import torch
 
@@ -82,26 +74,23 @@ def scaling_series(
         x = torch.randn(1, tokens, dim, requires_grad=True)
         step = functools.partial(_forward_backward, forward, x)
         rss_before = psutil.Process().memory_info().rss
-        seconds.append(median_seconds(step, repeats=repeats, warmup=1))
-        extra.append(peak_rss_bytes() - rss_before)
+        seconds.append(benchmarking.median_seconds(step, repeats=repeats, warmup=1))
+        extra.append(benchmarking.peak_rss_bytes() - rss_before)
         del forward, x, step
     return {"seconds": seconds, "extra_bytes": extra}
 
 
-def train_vit(
-    attention: str,
-    train_limit: int,
-    test_limit: int,
-    epochs: int,
-    batch_size: int = 128,
-    patch_size: int = 2,
-    num_landmarks: int = 16,
-    dim: int = 64,
-    depth: int = 2,
-    num_heads: int = 2,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Train :class:`ViTClassifier` on Fashion-MNIST and test it (run in a subprocess)."""
+VIT_LANDMARKS = 16  # SOFT landmarks in the ViT part: 49 (the layer's default) exceeds most token grids here
+
+
+def train_vit(attention: str, train_limit: int, test_limit: int, epochs: int, batch_size: int = 128, seed: int = 0,
+              **vit_options: Any) -> dict[str, Any]:  # fmt: skip
+    """Train :class:`ViTClassifier` with ``attention`` on Fashion-MNIST and test it (run in a subprocess).
+
+    ``vit_options`` go to :class:`~lightning_bpfree.attention.vit.TinyViT` (``patch_size``, ``dim``,
+    ``depth``, ``num_heads``: its defaults where not given); ``num_landmarks`` (default
+    :data:`VIT_LANDMARKS`) is used by SOFT only.
+    """
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -111,10 +100,10 @@ def train_vit(
     L.seed_everything(seed, verbose=False)
     train = TensorDataset(*fashion_mnist("train", limit=train_limit))
     test = TensorDataset(*fashion_mnist("test", limit=test_limit))
-    soft_options = {"num_landmarks": num_landmarks} if attention == "soft" else {}
-    module = ViTClassifier(
-        attention=attention, patch_size=patch_size, dim=dim, depth=depth, num_heads=num_heads, **soft_options
-    )
+    landmarks = vit_options.pop("num_landmarks", VIT_LANDMARKS)
+    if attention == "soft":
+        vit_options["num_landmarks"] = landmarks
+    module = ViTClassifier(attention=attention, **vit_options)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -131,7 +120,7 @@ def train_vit(
         "final_train_loss": final_train_loss,
         "train_seconds": train_seconds,
         "steps": int(trainer.global_step),
-        "tokens": (28 // patch_size) ** 2,
+        "tokens": module.model.grid[0] * module.model.grid[1],
         "parameters": sum(p.numel() for p in module.parameters()),
     }
 
@@ -143,24 +132,24 @@ def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
 
 
-def _run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _run_scaling(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     """Every (method, length) point; one process per point, or one per method with ``--quick``."""
     points = []
     groups = []
     for method in args.methods:
         lengths = [n for n in args.lengths if method != "eager" or n <= args.max_eager_tokens]
         groups += [(method, lengths)] if args.quick else [(method, [n]) for n in lengths]
-    for method, lengths in progress(groups, desc="soft-bench scaling"):
+    for method, lengths in benchmarking.progress(groups, desc=f"{NAME} scaling"):
         try:
-            result = run_in_subprocess(
-                f"{__name__}:scaling_series", threads=args.threads, timeout=args.timeout,
+            result = benchmarking.run_in_subprocess(
+                f"{__name__}:scaling_series", threads=threads, timeout=args.timeout,
                 method=method, lengths=lengths, num_landmarks=args.num_landmarks, repeats=args.repeats,
             )  # fmt: skip
         except Exception as error:  # out of memory or past the timeout: recorded, not fatal
             points += [{"method": method, "tokens": n, "error": str(error).splitlines()[0][:200]} for n in lengths]
             continue
         for tokens, seconds, extra in zip(lengths, result["seconds"], result["extra_bytes"]):
-            points.append({"method": method, "tokens": tokens, "seconds": seconds, "peak_mib": mib(extra)})
+            points.append({"method": method, "tokens": tokens, "seconds": seconds, "peak_mib": benchmarking.mib(extra)})
     return points
 
 
@@ -201,11 +190,11 @@ def _scaling_table(points: list[dict[str, Any]], lengths: list[int], methods: li
             row[f"{method} s"] = seconds if seconds is not None else "-"
             row[f"{method} MiB"] = memory if memory is not None else "-"
         rows.append(row)
-    return format_table(rows)
+    return benchmarking.format_table(rows)
 
 
 def _plot_scaling(points: list[dict[str, Any]], methods: list[str], path) -> None:
-    fig, (ax_time, ax_mem) = new_figure(ncols=2, width=5.5, height=4.0)
+    fig, (ax_time, ax_mem) = benchmarking.new_figure(ncols=2, width=5.5, height=4.0)
     for method in methods:
         measured = [p for p in points if p["method"] == method and "seconds" in p]
         if not measured:
@@ -221,29 +210,27 @@ def _plot_scaling(points: list[dict[str, Any]], methods: list[str], path) -> Non
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     ax_time.set_title("one attention layer, dim 64, 2 heads")
-    save_figure(fig, path)
+    benchmarking.save_figure(fig, path)
 
 
 def _plot_vit(results: list[dict[str, Any]], path) -> None:
-    fig, (ax_acc, ax_time) = new_figure(ncols=2, width=4.0, height=3.5)
+    fig, (ax_acc, ax_time) = benchmarking.new_figure(ncols=2, width=4.0, height=3.5)
     names = [r["attention"] for r in results]
     ax_acc.bar(names, [r["test_acc"] for r in results], color=["tab:blue", "tab:orange"][: len(names)])
     ax_acc.set_ylabel("Fashion-MNIST test accuracy")
     ax_acc.set_ylim(0.0, 1.0)
     ax_time.bar(names, [r["train_seconds"] for r in results], color=["tab:blue", "tab:orange"][: len(names)])
     ax_time.set_ylabel("training time (s)")
-    save_figure(fig, path)
+    benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bpfree soft-bench", description=__doc__.splitlines()[0])
-    add_output_args(parser, "soft-bench")
+    parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1 per configuration")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k..32k; quick 512..2k)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-eager-tokens", type=int, default=16384, help="longest N for eager softmax")
     parser.add_argument("--num-landmarks", type=int, default=49)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per point (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     parser.add_argument("--skip-vit", action="store_true", help="only the scaling part")
     parser.add_argument("--vit-train", type=int, default=None, help="Fashion-MNIST training images")
@@ -252,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.lengths = sorted(args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS))
     args.repeats = args.repeats or (2 if args.quick else 3)
+    threads = benchmarking.torch_threads(args.threads, default=1)
     if any(n < 64 or n % 64 for n in args.lengths):
         parser.error("--lengths must be multiples of 64 (Nystromformer's 64 segment means)")
 
-    points = _run_scaling(args)
+    points = _run_scaling(args, threads)
     summary = _summary(points, args.lengths)
     table = _scaling_table(points, args.lengths, args.methods)
     lines = [table, "", "fitted exponent k (time ~ N^k): " + ", ".join(
@@ -272,27 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         train_limit = args.vit_train or (1000 if args.quick else 12000)
         epochs = args.vit_epochs or (1 if args.quick else 2)
         patch = args.vit_patch or (4 if args.quick else 2)
-        for attention in progress(["soft", "sdpa"], desc="soft-bench ViT"):
-            result = run_in_subprocess(
-                f"{__name__}:train_vit", threads=args.threads, timeout=None, attention=attention,
-                train_limit=train_limit, test_limit=1000 if args.quick else 10000, epochs=epochs,
-                patch_size=patch, seed=args.seed,
+        for attention in benchmarking.progress(["soft", "sdpa"], desc=f"{NAME} ViT"):
+            result = benchmarking.run_in_subprocess(
+                f"{__name__}:train_vit", threads=threads, attention=attention, train_limit=train_limit,
+                test_limit=1000 if args.quick else 10000, epochs=epochs, patch_size=patch, seed=args.seed,
             )  # fmt: skip
-            result["peak_mib"] = mib(result["peak_rss_bytes"] - result["import_rss_bytes"])
+            result["peak_mib"] = benchmarking.mib(result["peak_rss_bytes"] - result["import_rss_bytes"])
             vit_results.append(result)
         vit_columns = ["attention", "tokens", "steps", "test_acc", "final_train_loss", "train_seconds", "peak_mib"]
         lines += ["", f"ViT on Fashion-MNIST ({train_limit} training images, {epochs} epoch(s)):", ""]
-        lines.append(format_table(vit_results, vit_columns))
-        _plot_vit(vit_results, args.out / "soft-vit.png")
+        lines.append(benchmarking.format_table(vit_results, vit_columns))
+        _plot_vit(vit_results, args.out / f"{NAME}-vit.png")
 
-    report = "\n".join(lines)
-    print(report)
     figures = {
-        "config": {"dim": 64, "num_heads": 2, "num_landmarks": args.num_landmarks, "threads": args.threads,
+        "config": {"dim": 64, "num_heads": 2, "num_landmarks": args.num_landmarks, "threads": threads,
                    "repeats": args.repeats, "lengths": args.lengths},
         "scaling": points, "summary": summary, "vit": vit_results,
     }  # fmt: skip
-    write_results(args.out, "soft-bench", figures, report)
-    _plot_scaling(points, args.methods, args.out / "soft-bench.png")
-    print(f"wrote {args.out}/soft-bench.json, .md, .png")
+    benchmarking.finish(args.out, NAME, figures, "\n".join(lines), lambda path: _plot_scaling(points, args.methods, path))
     return 0

@@ -15,6 +15,7 @@ landmarks summarise every token, so they would leak the future, and the kernel n
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ from lightning_bpfree.attention.soft import SOFTKernelAttention
 
 IMPLEMENTATION_NAME = "soft"
 CORE_ATTRIBUTE = "soft_attention"
+# What use_soft_attention(**options) accepts: the SOFTKernelAttention arguments, except the head size,
+# which each layer's own projections fix.
+SOFT_OPTIONS = tuple(name for name in inspect.signature(SOFTKernelAttention).parameters if name != "head_dim")
 
 
 def _registered_interfaces() -> None:
@@ -34,16 +38,14 @@ def _registered_interfaces() -> None:
 
 
 def soft_padding_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Any = None,
-    attention_mask: Tensor | None = None,
-    **kwargs: Any,
-) -> Tensor | None:
+    *, kv_length: int, kv_offset: int = 0, mask_function: Any = None, attention_mask: Tensor | None = None,
+    **mask_arguments: Any,
+) -> Tensor | None:  # fmt: skip
     """transformers mask hook: the padding mask as bool ``[B, 1, 1, kv_length]`` (True = attend), or None.
+
+    transformers calls every mask interface with keyword arguments (``batch_size``, ``q_length``,
+    ``q_offset``, ``dtype``, ``config``, ...); this hook reads only the key-side ones named here and
+    hands the rest on untouched in ``mask_arguments``.
 
     Only plain bidirectional masks reduce to a key padding mask; any other mask function (causal, sliding
     window, packed sequences) gets the full ``[B, 1, Nq, Nk]`` mask from ``sdpa_mask``, which the
@@ -53,10 +55,10 @@ def soft_padding_mask(
 
     if mask_function is not bidirectional_mask_function:
         # The full mask cannot be skipped here: the attention function must see it to reject it.
-        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+        mask_arguments.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+            kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            **mask_arguments,
         )  # fmt: skip
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None:
@@ -175,13 +177,9 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    allowed = {
-        "num_landmarks", "newton_iters", "normalize", "landmarks", "conv_stride", "project_landmarks",
-        "value_conv_kernel",
-    }  # fmt: skip
-    unknown = sorted(set(options) - allowed)
+    unknown = sorted(set(options) - set(SOFT_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown SOFT option(s) {unknown}; accepted: {sorted(allowed)}")
+        raise TypeError(f"unknown SOFT option(s) {unknown}; accepted: {sorted(SOFT_OPTIONS)}")
     if getattr(config, "add_cross_attention", False):
         raise ValueError("the model has cross-attention layers; SOFT is self-attention only (keys are the queries)")
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):

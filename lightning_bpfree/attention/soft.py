@@ -28,7 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_bpfree.validation import check_choice, check_int, check_optional, check_positive_int
+
 LANDMARK_KINDS = ("pool", "conv")
+
+
+def head_size(dim: int, num_heads: int) -> int:
+    """The size ``dim // num_heads`` of one attention head, after checking that the heads split ``dim`` evenly.
+
+    Raises:
+        TypeError / ValueError: ``num_heads`` or ``dim`` is not a positive int, or ``num_heads`` does not
+            divide ``dim``.
+    """
+    check_positive_int("num_heads", num_heads)
+    if check_positive_int("dim", dim) % num_heads != 0:
+        raise ValueError(f"dim must be a positive int divisible by num_heads={num_heads}, got dim={dim!r}")
+    return dim // num_heads
 
 
 def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -118,8 +133,7 @@ def newton_pinv(A: Tensor, iters: int = 20) -> Tensor:
         raise TypeError(f"A must be a floating-point torch.Tensor, got {type(A).__name__}")
     if A.dim() < 2:
         raise ValueError(f"A must have at least 2 dimensions [..., m, n], got shape {tuple(A.shape)}")
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    check_int("iters", iters, low=0)
     return _NewtonPinv.apply(A, iters)
 
 
@@ -245,27 +259,16 @@ class SOFTKernelAttention(nn.Module):
         value_conv_kernel: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-        if not isinstance(num_landmarks, int) or num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be a positive int, got {num_landmarks!r}")
-        if not isinstance(newton_iters, int) or newton_iters < 1:
-            raise ValueError(f"newton_iters must be a positive int, got {newton_iters!r}")
-        if landmarks not in LANDMARK_KINDS:
-            raise ValueError(f"landmarks must be one of {LANDMARK_KINDS}, got {landmarks!r}")
-        if not isinstance(conv_stride, int) or conv_stride < 1:
-            raise ValueError(f"conv_stride must be a positive int, got {conv_stride!r}")
-        if value_conv_kernel is not None and (
-            not isinstance(value_conv_kernel, int) or value_conv_kernel < 1 or value_conv_kernel % 2 == 0
-        ):
-            raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
-        self.head_dim = head_dim
-        self.num_landmarks = num_landmarks
-        self.newton_iters = newton_iters
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
+        self.newton_iters = check_positive_int("newton_iters", newton_iters)
         self.normalize = normalize
-        self.landmarks = landmarks
-        self.conv_stride = conv_stride
-        self.value_conv_kernel = value_conv_kernel
+        self.landmarks = check_choice("landmarks", landmarks, LANDMARK_KINDS)
+        self.conv_stride = check_positive_int("conv_stride", conv_stride)
+        self.value_conv_kernel = check_optional(check_positive_int, "value_conv_kernel", value_conv_kernel)
+        if value_conv_kernel is not None and value_conv_kernel % 2 == 0:
+            # an even kernel has no centre, so "same" padding would shift the sequence by half a token
+            raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
         self.project_landmarks = project_landmarks
         if landmarks == "conv":
             self.landmark_conv = nn.Conv2d(head_dim, head_dim, kernel_size=conv_stride, stride=conv_stride)
@@ -395,13 +398,8 @@ class SOFTAttention(nn.Module):
         **core_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if not isinstance(dim, int) or dim < 1 or dim % num_heads != 0:
-            raise ValueError(f"dim must be a positive int divisible by num_heads={num_heads}, got dim={dim!r}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = head_size(dim, num_heads)
         self.query = nn.Linear(dim, dim, bias=qkv_bias)
         self.value = nn.Linear(dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.attention.soft import SOFTAttention
+from lightning_bpfree.attention.soft import SOFTAttention, head_size
+from lightning_bpfree.validation import check_choice, check_positive_int
 
-ATTENTION_KINDS = ("soft", "sdpa", "eager")
+SOFTMAX_BACKENDS = ("sdpa", "eager")
+ATTENTION_KINDS = ("soft", *SOFTMAX_BACKENDS)
 
 
 class SoftmaxAttention(nn.Module):
@@ -28,13 +30,9 @@ class SoftmaxAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, backend: str = "sdpa") -> None:
         super().__init__()
-        if backend not in ("sdpa", "eager"):
-            raise ValueError(f"backend must be 'sdpa' or 'eager', got {backend!r}")
-        if dim % num_heads != 0:
-            raise ValueError(f"dim must be divisible by num_heads={num_heads}, got dim={dim}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.backend = backend
+        self.head_dim = head_size(dim, num_heads)
+        self.backend = check_choice("backend", backend, SOFTMAX_BACKENDS)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
@@ -55,11 +53,9 @@ class SoftmaxAttention(nn.Module):
 
 def make_attention(kind: str, dim: int, num_heads: int, **soft_options) -> nn.Module:
     """``"soft"`` gives :class:`SOFTAttention` (with ``soft_options``), ``"sdpa"``/``"eager"`` softmax."""
-    if kind == "soft":
+    if check_choice("attention", kind, ATTENTION_KINDS) == "soft":
         return SOFTAttention(dim, num_heads, **soft_options)
-    if kind in ("sdpa", "eager"):
-        return SoftmaxAttention(dim, num_heads, backend=kind)
-    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+    return SoftmaxAttention(dim, num_heads, backend=kind)
 
 
 class Block(nn.Module):
@@ -117,7 +113,7 @@ class TinyViT(nn.Module):
         **soft_options: Any,
     ) -> None:
         super().__init__()
-        if image_size % patch_size != 0:
+        if check_positive_int("image_size", image_size) % check_positive_int("patch_size", patch_size) != 0:
             raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)

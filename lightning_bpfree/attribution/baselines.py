@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_bpfree.attribution.density import jvp_attribution
-from lightning_bpfree.attribution.lm import (
+from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
     evaluation_mode,
@@ -26,6 +26,7 @@ from lightning_bpfree.attribution.lm import (
     next_token_logits,
     token_embeddings,
 )
+from lightning_bpfree.validation import check_positive_int
 
 
 def _predicted(model, sequence: Tensor, target_id: int | None) -> int:
@@ -52,8 +53,7 @@ def integrated_gradients(
     Args:
         steps: points on the straight path (all run as one batch of ``steps`` sequences).
     """
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_positive_int("steps", steps)
     sequence = as_token_sequence(input_ids).to(model_device(model))
     target = _predicted(model, sequence, target_id)
     with evaluation_mode(model), torch.enable_grad():

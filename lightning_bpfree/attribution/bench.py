@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_bpfree import benchmarking
 from lightning_bpfree.attribution.baselines import (
     attention_attribution,
     gradient_x_input,
@@ -35,21 +36,13 @@ from lightning_bpfree.attribution.baselines import (
 )
 from lightning_bpfree.attribution.density import importance_density, instruction_score, jvp_attribution
 from lightning_bpfree.attribution.heatmap import heatmap_html, plot_heatmap, token_strings
-from lightning_bpfree.attribution.lm import next_token_logits
 from lightning_bpfree.attribution.metrics import Comprehensiveness, SoftComprehensiveness, SoftSufficiency, Sufficiency
+from lightning_bpfree.attribution.model_interface import next_token_logits
 from lightning_bpfree.attribution.reagent import reagent_attribution
-from lightning_bpfree.attribution.toy import PAIRS, retrieval_batch, train_retrieval_model
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    new_figure,
-    progress,
-    save_figure,
-    torch_threads,
-    write_results,
-)
+from lightning_bpfree.attribution.retrieval_task import PAIRS, retrieval_batch, train_retrieval_model
+from lightning_bpfree.cli import command_name
 
-NAME = "attribution-bench"
+NAME = command_name(__name__)
 Method = Callable[[Any, Tensor, int, torch.Generator], Tensor]
 
 
@@ -94,7 +87,7 @@ def faithfulness_rows(
     names = list(compared)
     values: dict[str, dict[str, list[float]]] = {n: {k: [] for k in [*metrics, "seconds", "hit"]} for n in names}
     attributions: dict[str, list[Tensor]] = {n: [] for n in names}
-    for index, ids in enumerate(progress(prompts, desc=desc)):
+    for index, ids in enumerate(benchmarking.progress(prompts, desc=desc)):
         with torch.no_grad():
             target = int(next_token_logits(model, ids[None])[0].argmax())
         rows = []
@@ -208,7 +201,7 @@ def instruction_rows(model, tokenizer, count: int, response_tokens: int, text_to
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     records = []
     check: dict[str, Any] = {}
-    for index in progress(range(count), desc="instruction importance"):
+    for index in benchmarking.progress(range(count), desc="instruction importance"):
         instruction, followed = INSTRUCTIONS[index % len(INSTRUCTIONS)]
         text = texts[(7 * index) % len(texts)]
         prompt, instruction_mask, user_mask = instruction_prompt(tokenizer, instruction, text)
@@ -271,9 +264,9 @@ def summarize_instructions(records: list[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-def plot(out: Path, toy: list[dict], smol: list[dict] | None, records: list[dict] | None) -> Path:
+def plot(path: Path, toy: list[dict], smol: list[dict] | None, records: list[dict] | None) -> Path:
     panels = 1 + (smol is not None) + (records is not None)
-    fig, axes = new_figure(ncols=panels, width=5.0, height=3.8)
+    fig, axes = benchmarking.new_figure(ncols=panels, width=5.0, height=3.8)
     for ax, (title, rows) in zip(axes, [("toy retrieval (trained 1-layer LM)", toy), ("SmolLM2-135M-Instruct", smol)]):
         if rows is None:
             continue
@@ -294,26 +287,20 @@ def plot(out: Path, toy: list[dict], smol: list[dict] | None, records: list[dict
         ax.set_xticks([0, 1], ["followed", "not followed"])
         ax.set_ylabel("instruction score")
         ax.set_title("instruction importance (SmolLM2)", fontsize=9)
-    return save_figure(fig, out / f"{NAME}.png")
+    return benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"bpfree {NAME}", description=__doc__.split("\n")[0])
-    add_output_args(parser, NAME)
+    parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument("--prompts", type=int, default=6, help="SmolLM2 faithfulness prompts")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per faithfulness prompt")
     parser.add_argument("--instruction-prompts", type=int, default=12, help="SmolLM2 instruction prompts")
     parser.add_argument("--toy-prompts", type=int, default=30, help="retrieval prompts on the toy model")
     parser.add_argument("--num-probes", type=int, default=8, help="ReAGent probes (the paper: 16)")
     parser.add_argument("--max-probe-steps", type=int, default=60, help="ReAGent step cap (the paper: 3000-5000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default BPFREE_THREADS or cores)")
     args = parser.parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or torch_threads())
-    try:
+    with benchmarking.using_threads(benchmarking.torch_threads(args.threads)):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -333,9 +320,9 @@ def _run(args: argparse.Namespace) -> int:
     figures["toy_reagent_runs"] = toy_log
     tables = [
         "## Toy key-value retrieval (answer-bearing token known)",
-        format_table(toy_rows),
+        benchmarking.format_table(toy_rows),
         "ReAGent runs (means):",
-        format_table([summarize_runs(toy_log)]),
+        benchmarking.format_table([summarize_runs(toy_log)]),
     ]
 
     smol_rows = records = None
@@ -357,9 +344,9 @@ def _run(args: argparse.Namespace) -> int:
         figures["smollm2_prompts"] = [tokenizer.decode(p) for p in prompts]
         tables += [
             "## SmolLM2-135M-Instruct: faithfulness of next-token explanations",
-            format_table(smol_rows),
+            benchmarking.format_table(smol_rows),
             "ReAGent runs (means):",
-            format_table([summarize_runs(smol_log)]),
+            benchmarking.format_table([summarize_runs(smol_log)]),
         ]
         tokens = token_strings(tokenizer, prompts[0])
         with torch.no_grad():
@@ -378,16 +365,13 @@ def _run(args: argparse.Namespace) -> int:
         figures["instruction_importance"] = instruction_table
         tables += [
             "## SmolLM2-135M-Instruct: instruction importance (gradient x input density)",
-            format_table(instruction_table),
+            benchmarking.format_table(instruction_table),
             "## JVP vs backward on the first instruction prompt",
-            format_table([result["jvp_check"]]),
+            benchmarking.format_table([result["jvp_check"]]),
         ]
     figures["total_seconds"] = time.perf_counter() - started
     figures["threads"] = torch.get_num_threads()
-    table = "\n\n".join(tables)
-    print(table)
-    write_results(args.out, NAME, figures, table)
-    print(f"\nwrote {plot(args.out, toy_rows, smol_rows, records)} and {args.out / (NAME + '.json')}")
+    benchmarking.finish(args.out, NAME, figures, "\n\n".join(tables), lambda path: plot(path, toy_rows, smol_rows, records))
     return 0
 
 

@@ -11,8 +11,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_bpfree.attribution.heatmap import heatmap_html, plot_heatmap, token_strings
-from lightning_bpfree.attribution.metrics import SoftComprehensiveness, SoftSufficiency
+from lightning_bpfree.attribution.metrics import soft_faithfulness
 from lightning_bpfree.attribution.reagent import reagent_attribution
+from lightning_bpfree.validation import check_positive_int
 
 
 class ReAGentCallback(Callback):
@@ -54,10 +55,8 @@ class ReAGentCallback(Callback):
             raise ValueError("prompts must be a non-empty list of strings or token-id tensors")
         if any(isinstance(p, str) for p in prompts) and tokenizer is None:
             raise ValueError("string prompts need a tokenizer: pass tokenizer=..., or give token-id tensors")
-        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
         self.prompts = list(prompts)
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.tokenizer = tokenizer
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.model_attr = model_attr
@@ -111,10 +110,7 @@ class ReAGentCallback(Callback):
             "png": str(png), "html": str(page),
         }  # fmt: skip
         if self.faithfulness:
-            for key, metric_class in (("soft_ns", SoftSufficiency), ("soft_nc", SoftComprehensiveness)):
-                metric = metric_class(model, seed=self.seed + index)
-                metric.update(ids, result.importance, result.target_id)
-                record[key] = float(metric.compute())
+            record.update(soft_faithfulness(model, ids, result.importance, result.target_id, seed=self.seed + index))
         self._send_image(trainer, f"reagent/prompt_{index}", png)
         return record
 

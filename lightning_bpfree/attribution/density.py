@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_bpfree.attribution.lm import (
+from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
     evaluation_mode,
@@ -33,6 +33,7 @@ from lightning_bpfree.attribution.lm import (
     model_device,
     token_embeddings,
 )
+from lightning_bpfree.validation import check_choice, check_float, check_int, check_optional, check_positive_int
 
 ATTRIBUTION_METHODS = ("jvp", "backward")
 
@@ -74,8 +75,8 @@ def jvp_attribution(
         float32 ``[M, N]``: ``I[m, n]`` in probability units (the first-order change of ``p(y_m)``
         when ``e_n`` is scaled to zero, with the sign flipped).
     """
-    if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
+    check_choice("method", method, ATTRIBUTION_METHODS)
+    check_optional(check_positive_int, "chunk_size", chunk_size)
     prompt = as_token_sequence(input_ids, "input_ids")
     response = as_token_sequence(output_ids, "output_ids")
     num_inputs = prompt.numel()
@@ -85,8 +86,6 @@ def jvp_attribution(
         chosen = torch.as_tensor(positions, dtype=torch.long).flatten()
         if chosen.numel() == 0 or bool((chosen < 0).any()) or bool((chosen >= num_inputs).any()):
             raise ValueError(f"positions must be prompt positions in [0, {num_inputs}), got {chosen.tolist()}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     # The last response token is predicted, never fed.
     sequence = torch.cat([prompt, response[:-1]]).to(model_device(model))
     response = response.to(sequence.device)
@@ -149,12 +148,9 @@ def importance_density(attribution: Tensor, L: int = 10, b: int = 7, p: float = 
     if not isinstance(attribution, Tensor) or attribution.dim() != 2:
         shape = tuple(attribution.shape) if isinstance(attribution, Tensor) else type(attribution).__name__
         raise ValueError(f"attribution must be a 2-D tensor [M outputs, N inputs], got {shape}")
-    if not (isinstance(L, int) and L >= 1):
-        raise ValueError(f"L must be a positive int, got {L!r}")
-    if not (isinstance(b, int) and 0 <= b < L):
-        raise ValueError(f"b must be an int in [0, L), got {b!r} with L={L}")
-    if not p > 1:
-        raise ValueError(f"p must be > 1 (the L1/Lp ratio is constant for p=1), got {p}")
+    check_positive_int("L", L)
+    check_int("b", b, low=0, high=L - 1)
+    check_float("p", p, low=1.0, low_open=True)  # for p = 1 the L1/Lp ratio is the same for every token
     positive = attribution.float().clamp(min=0)
     row_max = positive.amax(dim=1, keepdim=True)
     scaled = torch.where(row_max > 0, positive / row_max.clamp(min=torch.finfo(torch.float32).tiny), 0.0)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from lightning_bpfree.validation import check_positive_int
+
 
 def token_strings(tokenizer, input_ids: Tensor) -> list[str]:
     """Readable token strings: each id decoded alone by ``tokenizer`` (or the ids as text without one)."""
@@ -52,6 +54,7 @@ def plot_heatmap(
     """Save a PNG of ``tokens`` as coloured cells (rows of ``tokens_per_row``) with the score under each."""
     from lightning_bpfree.benchmarking import new_figure, save_figure
 
+    check_positive_int("tokens_per_row", tokens_per_row)
     if len(tokens) != importance.numel():
         raise ValueError(f"got {len(tokens)} tokens but {importance.numel()} importance scores")
     shares = _shares(importance)

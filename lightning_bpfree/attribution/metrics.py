@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_bpfree.attribution.lm import (
+from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     evaluation_mode,
     logits_from_embeddings,
@@ -29,6 +29,7 @@ from lightning_bpfree.attribution.lm import (
     next_token_logits,
     token_embeddings,
 )
+from lightning_bpfree.validation import check_choice, check_float, check_optional, check_positive_int
 
 
 def normalized_sufficiency(full_prob: Tensor, kept_prob: Tensor, empty_prob: Tensor) -> Tensor:
@@ -55,16 +56,14 @@ def keep_probabilities(importance: Tensor, normalization: str = "max") -> Tensor
     never). ``"rank"``: the token ranked r-th (0 = most important) gets ``(N - r) / N``, so every
     method keeps the same expected share of the input and only its ordering counts.
     """
-    if normalization == "max":
+    if check_choice("normalization", normalization, NORMALIZATIONS) == "max":
         positive = importance.float().clamp(min=0)
         top = positive.amax(dim=-1, keepdim=True)
         return torch.where(top > 0, positive / top.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    if normalization == "rank":
-        length = importance.shape[-1]
-        order = torch.argsort(importance.float(), dim=-1, descending=True, stable=True)
-        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
-        return (length - ranks).float() / length
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    length = importance.shape[-1]
+    order = torch.argsort(importance.float(), dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(length).expand_as(order))
+    return (length - ranks).float() / length
 
 
 def top_k_mask(importance: Tensor, k: int) -> Tensor:
@@ -107,16 +106,12 @@ class _Faithfulness(Metric):
         self, model: LanguageModel, *, num_samples: int = 1, seed: int = 0, normalization: str = "max", **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        self.normalization = normalization
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         if not callable(model):
             raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
-        if not (isinstance(num_samples, int) and num_samples >= 1):
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        self.num_samples = check_positive_int("num_samples", num_samples)
         # Kept outside nn.Module registration: the metric's state_dict must not carry the model's weights.
         self.__dict__["_model"] = model
-        self.num_samples = num_samples
         self._generator = torch.Generator().manual_seed(seed)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
@@ -202,15 +197,29 @@ class SoftComprehensiveness(_Faithfulness):
         return normalized_comprehensiveness(full, perturbed, empty)
 
 
+def soft_faithfulness(
+    model: LanguageModel, input_ids: Tensor, importance: Tensor, target_id: int | None = None, **options
+) -> dict[str, float]:
+    """Soft-NS and Soft-NC of one explanation: ``{"soft_ns": ..., "soft_nc": ...}`` (NaN when unscaled).
+
+    Args:
+        model, ``options`` (``num_samples``, ``seed``, ``normalization``): as for ``SoftSufficiency``.
+        input_ids: int64 ``[N]``. importance: float ``[N]``. target_id: the explained token (default
+            the model's own prediction).
+    """
+    scores = {}
+    for key, metric_class in (("soft_ns", SoftSufficiency), ("soft_nc", SoftComprehensiveness)):
+        metric = metric_class(model, **options)
+        metric.update(input_ids, importance, target_id)
+        scores[key] = float(metric.compute())
+    return scores
+
+
 class _HardFaithfulness(_Faithfulness):
     def __init__(self, model: LanguageModel, *, top_k: int | None = None, ratio: float = 0.2, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        self.top_k = top_k
-        self.ratio = ratio
+        self.top_k = check_optional(check_positive_int, "top_k", top_k)
+        self.ratio = check_float("ratio", ratio, low=0.0, low_open=True, high=1.0)
 
     def _rationale(self, importance: Tensor) -> Tensor:
         k = self.top_k or max(1, round(self.ratio * importance.shape[-1]))

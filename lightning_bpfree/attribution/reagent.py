@@ -15,8 +15,7 @@ Zhao & Shan (2024). The importance of each input token is learned from random re
 Only forward passes run, in batches of the probes still active, so any model that maps token ids to
 logits can be explained: zeroth-order-trained, FP4-quantised or black-box.
 
-``ReAGentCallback`` (the Lightning layer) lives in ``lightning_bpfree.attribution.callback`` and is
-re-exported here.
+``ReAGentCallback`` (the Lightning layer) lives in ``lightning_bpfree.attribution.callback``.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_bpfree.attribution.lm import (
+from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
     evaluation_mode,
@@ -37,6 +36,7 @@ from lightning_bpfree.attribution.lm import (
     next_token_logits,
 )
 from lightning_bpfree.attribution.samplers import resolve_sampler
+from lightning_bpfree.validation import check_float, check_int, check_positive_int
 
 # delta = +-1 would give an infinite logit; real probabilities never get that close.
 _LOGIT_CLAMP = 1e-6
@@ -63,21 +63,27 @@ class ReAGentResult:
     forward_passes: int
 
 
-def _check_options(
-    length: int, replacing_ratio: float, max_probe_steps: int, num_probes: int, keep_top_n: int, stopping_top_k: int
-) -> None:
-    if not 0 < replacing_ratio < 1:
-        raise ValueError(f"replacing_ratio must be in (0, 1), got {replacing_ratio}")
-    for name, value in (
-        ("max_probe_steps", max_probe_steps), ("num_probes", num_probes), ("stopping_top_k", stopping_top_k),
-    ):  # fmt: skip
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not (isinstance(keep_top_n, int) and 1 <= keep_top_n < length):
-        raise ValueError(
-            f"keep_top_n must be an int in [1, N) with N={length} input tokens, got {keep_top_n!r} "
-            "(the stopping test keeps that many tokens and replaces the rest)"
-        )
+@dataclass(frozen=True)
+class _Probing:
+    """The probe settings of one ``reagent_attribution`` call, checked against the input length ``N``."""
+
+    length: int
+    replacing_ratio: float
+    max_probe_steps: int
+    num_probes: int
+    keep_top_n: int
+    stopping_top_k: int
+
+    def __post_init__(self) -> None:
+        check_float("replacing_ratio", self.replacing_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_positive_int("max_probe_steps", self.max_probe_steps)
+        check_positive_int("num_probes", self.num_probes)
+        check_positive_int("stopping_top_k", self.stopping_top_k)
+        if check_positive_int("keep_top_n", self.keep_top_n) >= self.length:
+            raise ValueError(
+                f"keep_top_n must be an int in [1, N) with N={self.length} input tokens, got {self.keep_top_n!r} "
+                "(the stopping test keeps that many tokens and replaces the rest)"
+            )
 
 
 def reagent_attribution(
@@ -116,8 +122,7 @@ def reagent_attribution(
         float32 ``[N]`` importances summing to 1 (or a ``ReAGentResult``).
     """
     sequence = as_token_sequence(input_ids)
-    length = sequence.numel()
-    _check_options(length, replacing_ratio, max_probe_steps, num_probes, keep_top_n, stopping_top_k)
+    probing = _Probing(sequence.numel(), replacing_ratio, max_probe_steps, num_probes, keep_top_n, stopping_top_k)
     device = model_device(model)
     sequence = sequence.to(device)
     with torch.no_grad(), evaluation_mode(model):
@@ -125,16 +130,11 @@ def reagent_attribution(
         vocab = logits.shape[-1]
         if target_id is None:
             target = int(logits.argmax())
-        elif not (isinstance(target_id, int) and 0 <= target_id < vocab):
-            raise ValueError(f"target_id must be an int in [0, {vocab}), got {target_id!r}")
         else:
-            target = target_id
+            target = check_int("target_id", target_id, low=0, high=vocab - 1)
         target_prob = float(torch.softmax(logits, -1)[target])
         draw = resolve_sampler(sampler, vocab, exclude_ids)
-        result = _run_probes(
-            model, sequence, target, target_prob, draw, generator,
-            replacing_ratio, max_probe_steps, num_probes, keep_top_n, stopping_top_k,
-        )  # fmt: skip
+        result = _run_probes(model, sequence, target, target_prob, draw, generator, probing)
     return result if return_details else result.importance
 
 
@@ -143,19 +143,18 @@ def _target_prob(model, batch: Tensor, target: int) -> Tensor:
 
 
 def _run_probes(
-    model, sequence: Tensor, target: int, target_prob: float, draw, generator: torch.Generator | None,
-    replacing_ratio: float, max_probe_steps: int, num_probes: int, keep_top_n: int, stopping_top_k: int,
-) -> ReAGentResult:  # fmt: skip
-    length = sequence.numel()
+    model, sequence: Tensor, target: int, target_prob: float, draw, generator: torch.Generator | None, probing: _Probing
+) -> ReAGentResult:
+    length, num_probes = probing.length, probing.num_probes
     scores = torch.rand(num_probes, length, generator=generator)
     active = torch.ones(num_probes, dtype=torch.bool)
     steps = torch.zeros(num_probes, dtype=torch.long)
     forward_passes = 1
-    for _ in range(max_probe_steps):
+    for _ in range(probing.max_probe_steps):
         rows = active.nonzero().squeeze(1)
         probes = sequence.expand(rows.numel(), length)
         # Update: random replacements; the prediction's drop says which replaced tokens mattered.
-        replace = torch.rand(rows.numel(), length, generator=generator) < replacing_ratio
+        replace = torch.rand(rows.numel(), length, generator=generator) < probing.replacing_ratio
         replacements = draw(probes, replace.to(probes.device), generator)
         perturbed = torch.where(replace.to(probes.device), replacements, probes)
         delta = target_prob - _target_prob(model, perturbed, target)
@@ -164,10 +163,10 @@ def _run_probes(
         steps[rows] += 1
         # Stop test: keep each probe's current top tokens, replace the rest, is the target still near the top?
         keep = torch.zeros(rows.numel(), length, dtype=torch.bool)
-        keep.scatter_(1, torch.topk(scores[rows], keep_top_n, dim=1).indices, True)
+        keep.scatter_(1, torch.topk(scores[rows], probing.keep_top_n, dim=1).indices, True)
         replacements = draw(probes, (~keep).to(probes.device), generator)
         kept_only = torch.where(keep.to(probes.device), probes, replacements)
-        top = torch.topk(next_token_logits(model, kept_only), stopping_top_k, dim=-1).indices.cpu()
+        top = torch.topk(next_token_logits(model, kept_only), probing.stopping_top_k, dim=-1).indices.cpu()
         forward_passes += 2 * rows.numel()
         active[rows[(top == target).any(-1)]] = False
         if not bool(active.any()):
@@ -178,7 +177,7 @@ def _run_probes(
         importance = importance[converged].mean(0)
     else:
         warnings.warn(
-            f"no ReAGent probe met the stopping condition in max_probe_steps={max_probe_steps}; the importance "
+            f"no ReAGent probe met the stopping condition in max_probe_steps={probing.max_probe_steps}; the importance "
             "is the mean over all probes (raise max_probe_steps, keep_top_n or stopping_top_k)",
             RuntimeWarning,
             stacklevel=3,

@@ -22,14 +22,20 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_bpfree.attribution.lm import LanguageModel, evaluation_mode, model_device, output_logits
+from lightning_bpfree.attribution.model_interface import LanguageModel, evaluation_mode, model_device, output_logits
+from lightning_bpfree.validation import (
+    check_float,
+    check_int,
+    check_nonnegative_float,
+    check_optional,
+    check_positive_int,
+)
 
 TokenSampler = Callable[[Tensor, Tensor, "torch.Generator | None"], Tensor]
 
 
 def _allowed_ids(vocab_size: int, exclude_ids: Iterable[int]) -> Tensor:
-    if not (isinstance(vocab_size, int) and vocab_size >= 2):
-        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    check_int("vocab_size", vocab_size, low=2)
     keep = torch.ones(vocab_size, dtype=torch.bool)
     excluded = [int(i) for i in exclude_ids if i is not None and 0 <= int(i) < vocab_size]
     keep[excluded] = False
@@ -66,8 +72,7 @@ class FrequencyTokenSampler:
         flat = torch.as_tensor(corpus_ids).flatten().long()
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
             raise ValueError(f"corpus_ids must be token ids in [0, {vocab_size})")
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        check_nonnegative_float("smoothing", smoothing)
         counts = torch.bincount(flat, minlength=vocab_size).double()[allowed] + smoothing
         if float(counts.sum()) <= 0:
             raise ValueError("the corpus holds no allowed token; pass a larger corpus or smoothing > 0")
@@ -107,14 +112,11 @@ class LanguageModelTokenSampler:
         exclude_ids: Sequence[int] = (),
         top_k: int | None = None,
     ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k}")
         self.model = proposal_model
-        self.temperature = temperature
+        # an infinite temperature is allowed: it flattens the proposals to uniform
+        self.temperature = check_float("temperature", temperature, low=0.0, low_open=True, allow_inf=True)
         self.exclude_ids = list(exclude_ids)
-        self.top_k = top_k
+        self.top_k = check_optional(check_positive_int, "top_k", top_k)
         self._cached: tuple[Tensor, Tensor] | None = None
 
     def proposals(self, sequence: Tensor) -> Tensor:

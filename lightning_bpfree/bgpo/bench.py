@@ -11,7 +11,7 @@ Two parts:
    warm-up of a small diffusion LM, then RL from the same warm-up weights with BGPO and with
    diffu-GRPO. Reports rollout-reward curves and held-out accuracy before and after.
 
-Prints a Markdown table and writes ``bgpo_bench.json``, ``bgpo_bench.md`` and ``bgpo_bench.png``.
+Prints a Markdown table and writes ``bgpo-bench.json``, ``bgpo-bench.md`` and ``bgpo-bench.png``.
 """
 
 from __future__ import annotations
@@ -20,58 +20,59 @@ import argparse
 import copy
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    mib,
-    new_figure,
-    progress,
-    run_in_subprocess,
-    save_figure,
-    torch_threads,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
 
-NAME = "bgpo_bench"
+NAME = command_name(__name__)
 MC_SAMPLES = (1, 4, 16, 64)
 MEMORY_TARGET = 1.2
 
 
-def memory_probe(
-    objective: str,
-    num_mc_samples: int,
-    batch_size: int = 16,
-    prompt_length: int = 32,
-    response_length: int = 64,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    vocab_size: int = 512,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """One policy update on random rollouts; run it through ``run_in_subprocess`` to read its peak RSS."""
+@dataclass(frozen=True)
+class ProbeSize:
+    """The rollouts and the policy of one memory probe: ``batch_size`` sequences of ``prompt_length``
+    + ``response_length`` tokens; a BERT masked-diffusion LM with ``num_layers`` layers of width
+    ``hidden_size`` (heads of 32) over ``vocab_size`` tokens."""
+
+    batch_size: int = 16
+    prompt_length: int = 32
+    response_length: int = 64
+    hidden_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 512
+
+
+def memory_probe(objective: str, num_mc_samples: int, seed: int = 0, **size: int) -> dict[str, Any]:
+    """One policy update on random rollouts; run it through ``run_in_subprocess`` to read its peak RSS.
+
+    ``size``: fields of :class:`ProbeSize` that differ from its defaults.
+    """
     from lightning_bpfree.bgpo.losses import accumulate_policy_gradient, prepare_policy_batch
     from lightning_bpfree.bgpo.masked_lm import tiny_diffusion_lm
 
+    shape = ProbeSize(**size)
     torch.manual_seed(seed)
-    length = prompt_length + response_length
+    length = shape.prompt_length + shape.response_length
+    vocab_size = shape.vocab_size
     policy = tiny_diffusion_lm(
         vocab_size,
         mask_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 2,
         max_length=length,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=max(1, hidden_size // 32),
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        num_heads=max(1, shape.hidden_size // 32),
     )
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    input_ids = torch.randint(0, vocab_size - 2, (batch_size, length))
+    input_ids = torch.randint(0, vocab_size - 2, (shape.batch_size, length))
     response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    response_mask[:, prompt_length:] = True
-    advantages = torch.randn(batch_size)
+    response_mask[:, shape.prompt_length :] = True
+    advantages = torch.randn(shape.batch_size)
     start = time.perf_counter()
     batch = prepare_policy_batch(policy, input_ids, response_mask, advantages, objective, num_mc_samples)
     optimizer.zero_grad()
@@ -80,26 +81,22 @@ def memory_probe(
     return {"seconds": time.perf_counter() - start, "loss": stats["loss"]}
 
 
-def memory_sweep(quick: bool, seed: int) -> list[dict[str, Any]]:
+def memory_sweep(quick: bool, seed: int, threads: int | None = None) -> list[dict[str, Any]]:
     """Peak RSS of one update per (objective, n_t), each in a fresh subprocess."""
     sizes = {"batch_size": 4, "prompt_length": 16, "response_length": 48} if quick else {}
     configs = [(objective, n_t) for objective in ("bgpo", "naive") for n_t in MC_SAMPLES]
     configs.append(("diffu-grpo", 1))
     rows = []
-    for objective, n_t in progress(configs, desc="memory (subprocess per config)"):
-        result = run_in_subprocess(
-            "lightning_bpfree.bgpo.bench:memory_probe",
-            objective=objective,
-            num_mc_samples=n_t,
-            seed=seed,
-            **sizes,
+    for objective, n_t in benchmarking.progress(configs, desc="memory (subprocess per config)"):
+        result = benchmarking.run_in_subprocess(
+            f"{__name__}:memory_probe", threads=threads, objective=objective, num_mc_samples=n_t, seed=seed, **sizes
         )
         rows.append(
             {
                 "objective": objective,
                 "n_t": n_t if objective != "diffu-grpo" else "- (one step)",
-                "peak_rss_mib": mib(result["peak_rss_bytes"]),
-                "above_import_mib": mib(result["peak_rss_bytes"] - result["import_rss_bytes"]),
+                "peak_rss_mib": benchmarking.mib(result["peak_rss_bytes"]),
+                "above_import_mib": benchmarking.mib(result["peak_rss_bytes"] - result["import_rss_bytes"]),
                 "update_s": result["seconds"],
             }
         )
@@ -266,7 +263,7 @@ def _task_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plot(memory_rows: list[dict[str, Any]], task: dict[str, Any] | None, path) -> None:
-    fig, (ax_memory, ax_reward) = new_figure(ncols=2, width=5.5, height=4.0)
+    fig, (ax_memory, ax_reward) = benchmarking.new_figure(ncols=2, width=5.5, height=4.0)
     task = task or {"runs": {}, "after_warmup": {"sampled_accuracy": float("nan")}}
     for objective, marker in (("bgpo", "o"), ("naive", "s")):
         rows = [row for row in memory_rows if row["objective"] == objective]
@@ -294,32 +291,34 @@ def _plot(memory_rows: list[dict[str, Any]], task: dict[str, Any] | None, path) 
     ax_reward.set_ylabel("exact-answer reward")
     ax_reward.set_title(f"{task.get('settings', {}).get('num_digits', 2)}-digit addition")
     ax_reward.legend(fontsize=8)
-    save_figure(fig, path)
+    benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; ``--quick`` is the CI-sized form (under two minutes on two cores)."""
-    parser = argparse.ArgumentParser(prog="bpfree bgpo-bench", description=__doc__.split("\n")[0])
-    add_output_args(parser, "bgpo")
+    parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument("--skip-memory", action="store_true", help="only run the addition task")
     parser.add_argument("--skip-task", action="store_true", help="only run the memory sweep")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(torch_threads())  # BPFREE_THREADS, as in the memory subprocesses
-    torch.manual_seed(args.seed)
+    with benchmarking.using_threads(benchmarking.torch_threads(args.threads)) as threads:  # the same count in the memory subprocesses
+        return _run(args, threads)
 
-    figures: dict[str, Any] = {"quick": args.quick, "seed": args.seed, "threads": torch.get_num_threads()}
+
+def _run(args: argparse.Namespace, threads: int) -> int:
+    torch.manual_seed(args.seed)
+    figures: dict[str, Any] = {"quick": args.quick, "seed": args.seed, "threads": threads}
     tables = []
     memory_rows: list[dict[str, Any]] = []
     if not args.skip_memory:
-        memory_rows = memory_sweep(args.quick, args.seed)
+        memory_rows = memory_sweep(args.quick, args.seed, threads)
         bgpo_rows = [row for row in memory_rows if row["objective"] == "bgpo"]
         ratio = bgpo_rows[-1]["peak_rss_mib"] / bgpo_rows[0]["peak_rss_mib"]
         figures["memory"] = memory_rows
         figures["bgpo_peak_64_over_1"] = ratio
         figures["memory_target_met"] = ratio <= MEMORY_TARGET
         tables.append(
-            "Peak RSS of one policy update (each configuration in its own process):\n\n" + format_table(memory_rows)
+            "Peak RSS of one policy update (each configuration in its own process):\n\n" + benchmarking.format_table(memory_rows)
         )
         tables.append(
             f"BGPO peak at n_t=64 / at n_t=1: {ratio:.3f} (target <= {MEMORY_TARGET}: "
@@ -331,12 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["task"] = task
         tables.append(
             f"{task['settings']['num_digits']}-digit addition, reward = exact answer:\n\n"
-            + format_table(_task_rows(task))
+            + benchmarking.format_table(_task_rows(task))
         )
-    table = "\n\n".join(tables)
-    print(table)
-    json_path = write_results(args.out, NAME, figures, table)
-    if memory_rows or task is not None:
-        _plot(memory_rows, task, args.out / f"{NAME}.png")
-    print(f"wrote {json_path}")
+    plot = (lambda path: _plot(memory_rows, task, path)) if memory_rows or task is not None else None
+    benchmarking.finish(args.out, NAME, figures, "\n\n".join(tables), plot)
     return 0

@@ -35,6 +35,14 @@ import torch
 from torch import Tensor
 
 from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
+from lightning_bpfree.validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_optional,
+    check_positive_int,
+    check_probability,
+)
 
 OBJECTIVES = ("bgpo", "naive", "diffu-grpo")
 
@@ -43,11 +51,12 @@ OBJECTIVES = ("bgpo", "naive", "diffu-grpo")
 _MAX_LOG_RATIO = 60.0
 
 
-def _check_clip(clip_eps: float | None, dual_clip: float | None) -> None:
-    if clip_eps is not None and not (isinstance(clip_eps, (int, float)) and 0 < clip_eps < 1):
-        raise ValueError(f"clip_eps must be a float in (0, 1) or None (no clipping), got {clip_eps!r}")
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
-        raise ValueError(f"dual_clip must be a float > 1 or None (no dual clip), got {dual_clip!r}")
+def check_clip(clip_eps: float | None, dual_clip: float | None) -> tuple[float | None, float | None]:
+    """Validate PPO's clip range (in (0, 1), or None: no clipping) and the dual-clip constant (> 1,
+    ``inf`` allowed, or None: no dual clip); return both as floats (None kept)."""
+    clip_eps = check_optional(check_float, "clip_eps", clip_eps, low=0.0, high=1.0, low_open=True, high_open=True)
+    dual_clip = check_optional(check_float, "dual_clip", dual_clip, low=1.0, low_open=True, allow_inf=True)
+    return clip_eps, dual_clip
 
 
 def _log_ratio_cap(dual_clip: float | None) -> float:
@@ -98,7 +107,7 @@ def bgpo_surrogate_terms(
     dual_clip: float | None = 3.0,
 ) -> tuple[Tensor, Tensor]:
     """Per-element BGPO losses and clipped flags, both of the shape of ``elbo_new``."""
-    _check_clip(clip_eps, dual_clip)
+    check_clip(clip_eps, dual_clip)
     _check_pair(elbo_new, elbo_old, advantages)
     advantages = advantages.to(elbo_new.dtype).expand_as(elbo_new)
     delta = elbo_new - elbo_old.detach()
@@ -165,7 +174,7 @@ def elbo_ratio_loss(
 def _elbo_ratio_terms(
     elbo_new: Tensor, elbo_old: Tensor, advantages: Tensor, clip_eps: float | None, dual_clip: float | None
 ) -> tuple[Tensor, Tensor]:
-    _check_clip(clip_eps, dual_clip)
+    check_clip(clip_eps, dual_clip)
     _check_pair(elbo_new, elbo_old, advantages)
     if elbo_new.dim() == 1:
         elbo_new, elbo_old = elbo_new[None], elbo_old[None]
@@ -191,7 +200,7 @@ def diffu_grpo_loss(
         advantages: (batch,) per-sequence advantages, shared by the sequence's tokens.
         response_mask: (batch, length) bool, the tokens that count.
     """
-    _check_clip(clip_eps, dual_clip)
+    check_clip(clip_eps, dual_clip)
     if logprobs_new.shape != logprobs_old.shape or logprobs_new.shape != response_mask.shape:
         raise ValueError("logprobs_new, logprobs_old and response_mask must have the same (batch, length) shape")
     if advantages.shape != logprobs_new.shape[:1]:
@@ -215,8 +224,7 @@ def stratified_mask_counts(num_samples: int, lengths: Tensor | int, generator: t
         num_samples: ``n_t`` >= 1.
         lengths: (batch,) response lengths >= 1, or one int for a batch of one.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    check_positive_int("num_samples", num_samples)
     lengths = torch.as_tensor(lengths).long().reshape(-1)
     if bool((lengths < 1).any()):
         raise ValueError("every response length must be >= 1")
@@ -239,8 +247,7 @@ def group_relative_advantages(
     Returns:
         (num_prompts * group_size,) advantages; 0 for every member of a group with equal rewards.
     """
-    if not isinstance(group_size, int) or group_size < 2:
-        raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
+    check_int("group_size", group_size, low=2)
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(
             f"rewards must be 1-D with a length divisible by group_size={group_size}, got shape {tuple(rewards.shape)}"
@@ -250,6 +257,19 @@ def group_relative_advantages(
     if normalize_std:
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def sft_loss(policy: MaskedDiffusionLM, input_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """Supervised loss of a masked-diffusion LM: the negative ELBO of the responses, averaged over the batch.
+
+    Each sequence gets ``k ~ U{1..L}`` of its ``L`` response tokens masked (the discrete form of
+    LLaDA's ``t ~ U(0, 1)``, one stratified draw) and the loss is ``-elbo``, the masked cross-entropy
+    weighted by ``1 / p_mask``. ``input_ids`` (B, T) token ids, ``response_mask`` (B, T) bool.
+    Returns a scalar tensor.
+    """
+    counts = stratified_mask_counts(1, response_mask.sum(dim=1))[0].to(input_ids.device)
+    masked = policy.forward_mask(input_ids, response_mask, counts)
+    return -policy.elbo(input_ids, response_mask, masked).mean()
 
 
 @dataclass
@@ -273,11 +293,6 @@ class PolicyBatch:
         return self.masked.shape[0]
 
 
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-
-
 @torch.no_grad()
 def prepare_policy_batch(
     policy: MaskedDiffusionLM,
@@ -295,12 +310,11 @@ def prepare_policy_batch(
     compares like with like (0 at ``theta = theta_old``). ``prompt_mask_prob`` is only used by
     ``diffu-grpo`` (d1's random prompt masking).
     """
-    _check_objective(objective)
+    check_choice("objective", objective, OBJECTIVES)
     if advantages.shape != input_ids.shape[:1]:
         raise ValueError(f"advantages must have shape ({input_ids.shape[0]},), got {tuple(advantages.shape)}")
     if objective == "diffu-grpo":
-        if not 0 <= prompt_mask_prob < 1:
-            raise ValueError(f"prompt_mask_prob must be in [0, 1), got {prompt_mask_prob}")
+        check_probability("prompt_mask_prob", prompt_mask_prob, include_one=False)
         prompt_masked = (
             torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < prompt_mask_prob
         ) & ~response_mask
@@ -329,7 +343,7 @@ def accumulate_policy_gradient(
     ``backward`` runs the backward of a loss (default ``loss.backward()``; the LightningModule passes
     ``manual_backward``). Returns the loss, the fraction of clipped terms and the mean log-ratio.
     """
-    _check_objective(batch.objective)
+    check_choice("objective", batch.objective, OBJECTIVES)
     backward = backward or (lambda loss: loss.backward())
     ids, response, advantages = batch.input_ids, batch.response_mask, batch.advantages
     if batch.objective == "diffu-grpo":

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_bpfree.validation import check_int
+
 
 class MaskedDiffusionLM(nn.Module):
     """Masked-diffusion LM over ``encoder``, a transformers model whose output has ``.logits`` (B, T, V).
@@ -38,8 +40,7 @@ class MaskedDiffusionLM(nn.Module):
         if config is not None and getattr(config, "is_decoder", False):
             raise ValueError("encoder must be bidirectional (config.is_decoder=False); got a causal decoder")
         vocab_size = getattr(config, "vocab_size", None)
-        if not isinstance(mask_token_id, int) or mask_token_id < 0:
-            raise TypeError(f"mask_token_id must be a non-negative int, got {mask_token_id!r}")
+        check_int("mask_token_id", mask_token_id, low=0)
         if vocab_size is not None and mask_token_id >= vocab_size:
             raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary (size {vocab_size})")
         self.encoder = encoder

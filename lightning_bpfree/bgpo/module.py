@@ -15,13 +15,14 @@ from torch import Tensor
 
 from lightning_bpfree.bgpo.losses import (
     OBJECTIVES,
-    _check_clip,
     accumulate_policy_gradient,
+    check_clip,
     group_relative_advantages,
     prepare_policy_batch,
-    stratified_mask_counts,
+    sft_loss,
 )
 from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
+from lightning_bpfree.validation import check_choice, check_int, check_positive_float, check_positive_int
 
 RewardFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,19 +94,13 @@ class BGPO(L.LightningModule):
             raise TypeError(f"policy must be a MaskedDiffusionLM, got {type(policy).__name__}")
         if not callable(reward_fn):
             raise TypeError("reward_fn must be callable: reward_fn(prompts, responses) -> rewards")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        for name, value, low in (
-            ("response_length", response_length, 1),
-            ("group_size", group_size, 2),
-            ("num_mc_samples", num_mc_samples, 1),
-            ("updates_per_batch", updates_per_batch, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        _check_clip(clip_eps, dual_clip)
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        check_choice("objective", objective, OBJECTIVES)
+        check_positive_int("response_length", response_length)
+        check_int("group_size", group_size, low=2)
+        check_positive_int("num_mc_samples", num_mc_samples)
+        check_positive_int("updates_per_batch", updates_per_batch)
+        check_clip(clip_eps, dual_clip)
+        check_positive_float("lr", lr)
         self.automatic_optimization = False
         self.policy = policy
         self.reward_fn = reward_fn
@@ -174,9 +169,8 @@ class BGPO(L.LightningModule):
 class MaskedDiffusionSFT(L.LightningModule):
     """Supervised warm-up of a masked-diffusion LM: minimise the negative ELBO of the given responses.
 
-    Each sequence gets ``k ~ U{1..L}`` of its ``L`` response tokens masked (the discrete form of
-    LLaDA's ``t ~ U(0, 1)``) and the loss is ``-elbo`` per token, i.e. the masked cross-entropy
-    weighted by ``1 / p_mask``. Batches are ``(input_ids (B, T), response_mask (B, T) bool)``.
+    The loss is :func:`~lightning_bpfree.bgpo.losses.sft_loss`: ``k ~ U{1..L}`` of each sequence's
+    ``L`` response tokens masked, the masked cross-entropy weighted by ``1 / p_mask``. Batches are ``(input_ids (B, T), response_mask (B, T) bool)``.
     Logs ``train/loss``.
     """
 
@@ -184,16 +178,13 @@ class MaskedDiffusionSFT(L.LightningModule):
         super().__init__()
         if not isinstance(policy, MaskedDiffusionLM):
             raise TypeError(f"policy must be a MaskedDiffusionLM, got {type(policy).__name__}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        check_positive_float("lr", lr)
         self.policy = policy
         self.lr, self.weight_decay = lr, weight_decay
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, response_mask = batch
-        counts = stratified_mask_counts(1, response_mask.sum(dim=1))[0].to(input_ids.device)
-        masked = self.policy.forward_mask(input_ids, response_mask, counts)
-        loss = -self.policy.elbo(input_ids, response_mask, masked).mean()
+        loss = sft_loss(self.policy, input_ids, response_mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=input_ids.shape[0])
         return loss
 

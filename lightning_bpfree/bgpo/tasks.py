@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, tiny_diffusion_lm
+from lightning_bpfree.validation import check_float, check_int
 
 
 class AdditionTask:
@@ -30,10 +31,8 @@ class AdditionTask:
     VOCAB_SIZE = 14
 
     def __init__(self, num_digits: int = 2, held_out_fraction: float = 0.2, seed: int = 0) -> None:
-        if not isinstance(num_digits, int) or not 1 <= num_digits <= 4:
-            raise ValueError(f"num_digits must be an int in [1, 4], got {num_digits!r}")
-        if not 0 < held_out_fraction < 1:
-            raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+        check_int("num_digits", num_digits, low=1, high=4)
+        check_float("held_out_fraction", held_out_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
         self.num_digits = num_digits
         self.prompt_length = 2 * num_digits + 2
         self.response_length = num_digits + 1

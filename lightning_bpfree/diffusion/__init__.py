@@ -1,7 +1,8 @@
 """AdjointDPM (Pan et al., ICLR 2024): gradients through diffusion sampling by the adjoint
 probability-flow ODE.
 
-``adjoint.py`` holds the sampler (plain PyTorch); ``module.py`` the ``AdjointDPMCustomization``
+``adjoint.py`` holds the sampler (plain PyTorch); ``targets.py`` what a customization optimizes (weight
+selection, noise, conditioning tokens; plain PyTorch); ``module.py`` the ``AdjointDPMCustomization``
 LightningModule, which loads on first use; ``bench.py`` is ``bpfree diffusion-bench``.
 """
 

@@ -14,7 +14,7 @@ augmented system ``(y, a_y, a_theta, a_c)`` backwards from the data end, with
 holds one UNet graph at a time whatever the number of steps. Its gradient differs from direct backprop
 by the discretisation error, O(1/N) for Euler (optimise-then-discretise).
 
-Everything here is plain PyTorch + diffusers + torchdiffeq; the Lightning layer is ``customization.py``.
+Everything here is plain PyTorch + diffusers + torchdiffeq; the Lightning layer is ``module.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
+
+from lightning_bpfree.validation import check_choice, check_float, check_positive_int
 
 METHODS = ("euler", "midpoint", "rk4", "explicit_adams")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -121,8 +123,8 @@ class ProbabilityFlowODE(nn.Module):
         super().__init__()
         self.unet = unet
         self.time_map = time_map
-        self.prediction_type = prediction_type
-        self.guidance_scale = guidance_scale
+        self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        self.guidance_scale = check_float("guidance_scale", guidance_scale)
         self.checkpoint_steps = checkpoint_steps
         self.conditioning = conditioning
         self.negative_conditioning = negative_conditioning
@@ -216,23 +218,16 @@ class AdjointSampler(nn.Module):
             )
         if not hasattr(scheduler, "set_timesteps"):
             raise ValueError(f"scheduler must have `set_timesteps`; {type(scheduler).__name__} has none")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-            )
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
-        self.num_steps = num_steps
-        self.method = method
+        try:
+            self.num_steps = check_positive_int("num_steps", num_steps)
+        except TypeError as error:  # a fractional step count has always been a ValueError here
+            raise ValueError(str(error)) from None
+        self.method = check_choice("method", method, METHODS)
         self.adjoint = adjoint
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_float("guidance_scale", guidance_scale)
         self.checkpoint_steps = checkpoint_steps
-        self.prediction_type = prediction_type
+        prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        self.prediction_type = check_choice("scheduler.config.prediction_type", prediction_type, PREDICTION_TYPES)
         self.scheduler_name = type(scheduler).__name__
         self.unet = unet
         self.time_map = RhoTimeMap(alphas_cumprod)

@@ -1,4 +1,4 @@
-"""``bpfree adjoint-bench``: memory, time and gradient agreement of adjoint vs direct backprop through sampling.
+"""``bpfree diffusion-bench``: memory, time and gradient agreement of adjoint vs direct backprop through sampling.
 
 For each step count, three ways to get one gradient of a sample loss with respect to ``x_T``, the
 conditioning and the UNet weights (a tiny ``UNet2DConditionModel`` built from a config, random weights):
@@ -8,12 +8,11 @@ conditioning and the UNet weights (a tiny ``UNet2DConditionModel`` built from a 
 - ``checkpoint``: the same, recomputing each UNet call in backward (``torch.utils.checkpoint``).
 
 Each (mode, steps) runs in a fresh interpreter so its peak RSS is its own. The gradients are saved to
-disk and compared by cosine with ``backprop`` at the same step count.
+disk and compared by cosine with ``backprop`` at the same step count. Writes ``diffusion-bench.{json,md,png}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import resource
 import tempfile
 import time
@@ -22,17 +21,10 @@ from typing import Any
 
 import torch
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    mib,
-    new_figure,
-    peak_rss_bytes,
-    progress,
-    run_in_subprocess,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
+
+NAME = command_name(__name__)
 
 MODES = ("adjoint", "backprop", "checkpoint")
 TARGETS = ("x_T", "conditioning", "weights")
@@ -88,7 +80,7 @@ def gradient_run(
     start = time.perf_counter()
     sample_loss(sampler(x_T, conditioning)).backward()
     seconds = time.perf_counter() - start
-    rss_after = peak_rss_bytes()
+    rss_after = benchmarking.peak_rss_bytes()
     grads = {
         "x_T": x_T.grad.flatten(),
         "conditioning": conditioning.grad.flatten(),
@@ -121,10 +113,10 @@ def run(steps: list[int], batch: int, seed: int, quick: bool, threads: int = 1) 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         jobs = [(n, mode) for n in steps for mode in MODES]
-        for num_steps, mode in progress(jobs, desc="adjoint-bench"):
+        for num_steps, mode in benchmarking.progress(jobs, desc=NAME):
             path = str(Path(folder) / f"{mode}-{num_steps}.pt")
-            result = run_in_subprocess(
-                "lightning_bpfree.diffusion.bench:gradient_run",
+            result = benchmarking.run_in_subprocess(
+                f"{__name__}:gradient_run",
                 mode=mode,
                 num_steps=num_steps,
                 grad_path=path,
@@ -138,8 +130,8 @@ def run(steps: list[int], batch: int, seed: int, quick: bool, threads: int = 1) 
                     "steps": num_steps,
                     "mode": mode,
                     "seconds": result["seconds"],
-                    "peak_rss_mib": mib(result["peak_rss_bytes"]),
-                    "grad_rss_mib": mib(result["grad_rss_bytes"]),
+                    "peak_rss_mib": benchmarking.mib(result["peak_rss_bytes"]),
+                    "grad_rss_mib": benchmarking.mib(result["grad_rss_bytes"]),
                     "unet_calls": result["evaluations"],
                     "parameters": result["parameters"],
                     "_grad_path": path,
@@ -168,7 +160,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    fig, (ax_mem, ax_time, ax_cos) = new_figure(ncols=3, width=4.6, height=3.6)
+    fig, (ax_mem, ax_time, ax_cos) = benchmarking.new_figure(ncols=3, width=4.6, height=3.6)
     for mode in MODES:
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["steps"])
         steps = [r["steps"] for r in mine]
@@ -184,32 +176,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     for axis in (ax_mem, ax_time, ax_cos):
         axis.legend()
         axis.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bpfree adjoint-bench", description=__doc__.splitlines()[0])
-    add_output_args(parser, "adjoint-bench")
+    parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1 per configuration")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 10 25 50 100)")
     parser.add_argument("--batch", type=int, default=None, help="samples per gradient (default 4, quick 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration (default 1)")
     args = parser.parse_args(argv)
     steps = args.steps or ([4, 8] if args.quick else [10, 25, 50, 100])
     if any(n < 1 for n in steps):
         parser.error("--steps must all be >= 1")
     batch = args.batch or (2 if args.quick else 4)
-    rows = run(sorted(set(steps)), batch, args.seed, args.quick, args.threads)
+    threads = benchmarking.torch_threads(args.threads, default=1)
+    rows = run(sorted(set(steps)), batch, args.seed, args.quick, threads)
     columns = ["steps", "mode", "seconds", "grad_rss_mib", "peak_rss_mib", "unet_calls"]
     columns += [f"cos_{t}" for t in TARGETS]
-    table = format_table(rows, columns)
     summary = summarize(rows)
-    print(table)
-    print(summary)
     config = QUICK_UNET_CONFIG if args.quick else UNET_CONFIG
-    figures = {"rows": rows, "summary": summary, "batch": batch, "threads": args.threads, "unet_config": config}
-    json_path = write_results(args.out, "adjoint_bench", figures, table)
-    png_path = plot(rows, Path(args.out) / "adjoint_bench.png")
-    print(f"wrote {json_path} and {png_path}")
+    figures = {"rows": rows, "summary": summary, "batch": batch, "threads": threads, "unet_config": config}
+    benchmarking.finish(args.out, NAME, figures, f"{benchmarking.format_table(rows, columns)}\n\n{summary}", lambda path: plot(rows, path))
     return 0
 
 

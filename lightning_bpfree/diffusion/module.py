@@ -6,7 +6,6 @@ stays that of one UNet call whatever the number of sampling steps.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,22 +15,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bpfree.diffusion.adjoint import AdjointSampler
-
-TARGETS = ("weights", "conditioning", "noise")
-
-
-def _parameter_selector(parameter_filter: str | Callable[[str], bool] | None) -> Callable[[str], bool]:
-    if parameter_filter is None:
-        return lambda name: True
-    if isinstance(parameter_filter, str):
-        pattern = re.compile(parameter_filter)
-        return lambda name: pattern.search(name) is not None
-    if callable(parameter_filter):
-        return parameter_filter
-    raise TypeError(
-        "parameter_filter must be None (all weights), a regular expression searched in parameter names "
-        f"(e.g. 'attn' or 'lora_'), or a callable name -> bool; got {type(parameter_filter).__name__}"
-    )
+from lightning_bpfree.diffusion.targets import (
+    TARGETS,
+    ParameterFilter,
+    expand_to_batch,
+    objective_loss,
+    sample_shape_of,
+    seeded_noise,
+    select_trainable_weights,
+    token_positions,
+)
+from lightning_bpfree.validation import check_choice, check_positive_float, check_positive_int
 
 
 class AdjointDPMCustomization(pl.LightningModule):
@@ -92,22 +86,18 @@ class AdjointDPMCustomization(pl.LightningModule):
         noise: torch.Tensor | None = None,
         conditioning: torch.Tensor | None = None,
         negative_conditioning: torch.Tensor | None = None,
-        parameter_filter: str | Callable[[str], bool] | None = None,
+        parameter_filter: ParameterFilter = None,
         trainable_tokens: Sequence[int] | None = None,
         steps_per_epoch: int = 100,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.target = check_choice("target", target, TARGETS)
         if not callable(objective):
             raise TypeError(f"objective must be callable x_0 -> loss, got {type(objective).__name__}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        self.lr = check_positive_float("lr", lr)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         if target == "conditioning" and conditioning is None:
             raise ValueError("target='conditioning' needs the initial `conditioning` embedding [B or 1, L, D]")
         if trainable_tokens is not None and target != "conditioning":
@@ -124,21 +114,9 @@ class AdjointDPMCustomization(pl.LightningModule):
             self.objective = objective
         else:
             self._objective_fn = objective
-        self.target = target
-        self.lr = float(lr)
-        self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
         self.seed = seed
-        self.sample_shape = self._sample_shape(unet, sample_shape, noise)
-
-        select = _parameter_selector(parameter_filter)
-        trainable = 0
-        for name, param in unet.named_parameters():
-            train_it = target == "weights" and select(name)
-            param.requires_grad_(train_it)
-            trainable += int(train_it)
-        if target == "weights" and trainable == 0:
-            raise ValueError(f"parameter_filter={parameter_filter!r} matches no parameter of the unet")
+        self.sample_shape = sample_shape_of(unet, sample_shape, noise)
+        select_trainable_weights(unet, parameter_filter, train=target == "weights")
 
         self.register_buffer("negative_conditioning", negative_conditioning, persistent=False)
         self.register_buffer("token_index", None, persistent=False)
@@ -148,27 +126,8 @@ class AdjointDPMCustomization(pl.LightningModule):
             self.register_buffer("conditioning", conditioning, persistent=False)
         if target == "noise":
             if noise is None:
-                generator = torch.Generator().manual_seed(seed)
-                noise = torch.randn(batch_size, *self.sample_shape, generator=generator)
+                noise = seeded_noise(batch_size, self.sample_shape, seed)
             self.noise = nn.Parameter(noise.detach().clone())
-
-    @staticmethod
-    def _sample_shape(
-        unet: nn.Module, sample_shape: Sequence[int] | None, noise: torch.Tensor | None
-    ) -> tuple[int, ...]:
-        if noise is not None:
-            if noise.ndim != 4:
-                raise ValueError(f"noise must be [B, C, H, W], got shape {tuple(noise.shape)}")
-            return tuple(noise.shape[1:])
-        if sample_shape is not None:
-            return tuple(int(s) for s in sample_shape)
-        config = getattr(unet, "config", None)
-        size = getattr(config, "sample_size", None)
-        channels = getattr(config, "in_channels", None)
-        if size is None or channels is None:
-            raise ValueError("sample_shape=(C, H, W) is required when the unet has no config.sample_size")
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(channels), int(height), int(width))
 
     def _init_conditioning(self, conditioning: torch.Tensor, trainable_tokens: Sequence[int] | None) -> None:
         if conditioning.ndim != 3:
@@ -177,10 +136,7 @@ class AdjointDPMCustomization(pl.LightningModule):
             self.register_buffer("conditioning", None, persistent=False)
             self.token_embeddings = nn.Parameter(conditioning.detach().clone())
             return
-        index = torch.as_tensor(list(trainable_tokens), dtype=torch.long)
-        length = conditioning.shape[1]
-        if index.numel() == 0 or bool((index < 0).any() | (index >= length).any()):
-            raise ValueError(f"trainable_tokens must be non-empty positions in [0, {length}), got {trainable_tokens}")
+        index = token_positions(trainable_tokens, conditioning.shape[1])
         self.register_buffer("conditioning", conditioning.detach().clone(), persistent=True)
         self.token_index = index
         self.token_embeddings = nn.Parameter(conditioning[:, index].detach().clone())
@@ -197,24 +153,17 @@ class AdjointDPMCustomization(pl.LightningModule):
     def draw_noise(self, batch_size: int | None = None, step: int | None = None) -> torch.Tensor:
         """Standard-normal ``x_T`` ``[batch_size, C, H, W]``, seeded by ``seed`` and ``step``."""
         step = self.global_step if step is None else step
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        noise = torch.randn(batch_size or self.batch_size, *self.sample_shape, generator=generator)
+        # one stream per (seed, step): a resumed run draws the noise it would have drawn
+        noise = seeded_noise(batch_size or self.batch_size, self.sample_shape, self.seed * 1_000_003 + step)
         return noise.to(self.device)
-
-    def _expand(self, tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if tensor is None or tensor.shape[0] == batch:
-            return tensor
-        if tensor.shape[0] != 1:
-            raise ValueError(f"conditioning batch {tensor.shape[0]} does not match the {batch} samples")
-        return tensor.expand(batch, *tensor.shape[1:])
 
     def forward(self, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """Samples ``x_0`` ``[B, C, H, W]`` from ``x_T`` (default: the optimized noise, or fresh noise)."""
         if x_T is None:
             x_T = self.noise if self.target == "noise" else self.draw_noise()
         batch = x_T.shape[0]
-        conditioning = self._expand(self.current_conditioning(), batch)
-        negative = self._expand(self.negative_conditioning, batch)
+        conditioning = expand_to_batch(self.current_conditioning(), batch)
+        negative = expand_to_batch(self.negative_conditioning, batch)
         return self.sampler(x_T, conditioning, negative)
 
     @torch.no_grad()
@@ -224,17 +173,11 @@ class AdjointDPMCustomization(pl.LightningModule):
 
     def evaluate_objective(self, x_T: torch.Tensor | None = None) -> float:
         """The objective of samples from ``x_T`` (default as in ``forward``), without gradients."""
-        return float(self._reduce(self._call_objective(self.generate(x_T))))
+        return float(objective_loss(self._call_objective(self.generate(x_T))))
 
     def _call_objective(self, x_0: torch.Tensor) -> torch.Tensor:
         objective = self.objective if "objective" in self._modules else self._objective_fn
         return objective(x_0)
-
-    @staticmethod
-    def _reduce(loss: torch.Tensor) -> torch.Tensor:
-        if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
-            raise TypeError("objective must return a floating-point tensor (a scalar or one value per sample)")
-        return loss.mean() if loss.ndim > 0 else loss
 
     # ------------------------------------------------------------------ Lightning hooks
     def train(self, mode: bool = True) -> AdjointDPMCustomization:
@@ -244,7 +187,7 @@ class AdjointDPMCustomization(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x_0 = self()
-        loss = self._reduce(self._call_objective(x_0))
+        loss = objective_loss(self._call_objective(x_0))
         self.log("objective", loss, prog_bar=True, batch_size=x_0.shape[0])
         if self.target == "noise":
             self.log("noise_rms", self.noise.detach().pow(2).mean().sqrt(), batch_size=x_0.shape[0])

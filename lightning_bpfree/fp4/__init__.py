@@ -1,9 +1,9 @@
 """FP4 training precision: bit-exact NVFP4 / MXFP4 / UE5M3 / UE4M3 emulation, FP4 linear layers and
 the ``NVFP4Precision`` / ``FP4Precision`` Lightning plugins.
 
-The numerics (``formats``, ``quantize``, ``hadamard``, ``linear``, ``recipe``, ``convert``) are plain
-PyTorch; the Lightning precision plugins live in ``precision.py`` and load on first use; ``bench.py`` is
-``bpfree fp4-bench``.
+The format constants sit in ``constants``; the numerics (``formats``, ``quantize``, ``hadamard``,
+``linear``, ``recipe``, ``convert``, ``transformer_engine``) are plain PyTorch; the Lightning precision
+plugins live in ``precision.py`` and load on first use; ``bench.py`` is ``bpfree fp4-bench``.
 """
 
 from __future__ import annotations

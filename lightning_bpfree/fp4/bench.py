@@ -1,4 +1,4 @@
-"""``bpfree fp4-sweep``: FP4 formats and NVFP4 recipe ablations on a small LLaMA-style LM, plus FP4 linear speed.
+"""``bpfree fp4-bench``: FP4 formats and NVFP4 recipe ablations on a small LLaMA-style LM, plus FP4 linear speed.
 
 Part 1 trains the same randomly initialised LLaMA-style model (a transformers config, bytes as tokens)
 on English text that ships with Python (standard-library docstrings) for a fixed number of steps under
@@ -6,29 +6,21 @@ fp32, bf16-mixed, the full NVFP4 recipe, each ablation (no RHT, no stochastic ro
 no high-precision layers), the late switch to high precision, MXFP4 and UE5M3, and reports each final
 loss's gap to fp32 (the paper's ablation figure). Part 2 times forward+backward of an NVFP4 linear
 against a plain fp32 linear and the quantizer's throughput. Every configuration runs in its own
-subprocess, so peak memory is per configuration.
+subprocess, so peak memory is per configuration. Writes ``fp4-bench.{json,md,png}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import Any
 
 import torch
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    median_seconds,
-    mib,
-    new_figure,
-    progress,
-    run_in_subprocess,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
+
+NAME = command_name(__name__)
 
 CONFIGS = (
     "fp32",
@@ -184,8 +176,8 @@ def speed_config(kind: str, tokens: int, features: int, repeats: int) -> dict[st
     torch.manual_seed(0)
     x = torch.randn(tokens, features, requires_grad=True)
     if kind == "quantize":
-        seconds = median_seconds(lambda: fake_quantize(x.detach()), repeats=repeats)
-        packed = median_seconds(lambda: quantize(x.detach()), repeats=repeats)
+        seconds = benchmarking.median_seconds(lambda: fake_quantize(x.detach()), repeats=repeats)
+        packed = benchmarking.median_seconds(lambda: quantize(x.detach()), repeats=repeats)
         return {"kind": kind, "seconds": seconds, "elements_per_second": x.numel() / seconds,
                 "packed_elements_per_second": x.numel() / packed}  # fmt: skip
     layer = torch.nn.Linear(features, features) if kind == "fp32" else FP4Linear(features, features)
@@ -196,11 +188,11 @@ def speed_config(kind: str, tokens: int, features: int, repeats: int) -> dict[st
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
-    return {"kind": kind, "seconds": median_seconds(step, repeats=repeats)}
+    return {"kind": kind, "seconds": benchmarking.median_seconds(step, repeats=repeats)}
 
 
 def _plot(results: list[dict[str, Any]], path) -> None:
-    fig, (curves, gaps) = new_figure(ncols=2, width=6.5)
+    fig, (curves, gaps) = benchmarking.new_figure(ncols=2, width=6.5)
     for result in results:
         losses = torch.tensor(result["losses"])
         window = max(1, len(losses) // 20)
@@ -216,12 +208,11 @@ def _plot(results: list[dict[str, Any]], path) -> None:
     gaps.axvline(0, color="black", lw=0.8)
     gaps.invert_yaxis()
     gaps.set(xlabel="held-out loss gap to fp32 (%)", title="FP4 recipe ablations")
-    save_figure(fig, path)
+    benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bpfree fp4-sweep", description=__doc__.split("\n\n")[0])
-    add_output_args(parser, "fp4-sweep")
+    parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument(
         "--configs",
         nargs="+",
@@ -232,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
     parser.add_argument("--skip-speed", action="store_true", help="only the training sweep")
     args = parser.parse_args(argv)
+    threads = benchmarking.torch_threads(args.threads)
 
     if args.quick:
         model = dict(steps=20, hidden_size=32, num_layers=2, seq_len=32, batch_size=8, lr=3e-3, keep_last_n=0)
@@ -246,36 +238,31 @@ def main(argv: list[str] | None = None) -> int:
         model["steps"] = args.steps
 
     results = []
-    for config in progress(configs, desc="fp4-sweep"):
-        results.append(run_in_subprocess(f"{__name__}:train_config", config=config, seed=args.seed,
+    for config in benchmarking.progress(configs, desc=NAME):
+        results.append(benchmarking.run_in_subprocess(f"{__name__}:train_config", threads=threads, config=config, seed=args.seed,
                                          val_blocks=val_blocks, **model))  # fmt: skip
     reference = next((r for r in results if r["config"] == "fp32"), results[0])
     for result in results:
         result["val_gap_percent"] = 100 * (result["val_loss"] / reference["val_loss"] - 1)
         result["train_gap_percent"] = 100 * (result["final_train_loss"] / reference["final_train_loss"] - 1)
-        result["peak_rss_mib"] = mib(result["peak_rss_bytes"])
+        result["peak_rss_mib"] = benchmarking.mib(result["peak_rss_bytes"])
     columns = ["config", "final_train_loss", "val_loss", "val_gap_percent", "train_gap_percent",
                "fp4_linear_fraction", "seconds", "peak_rss_mib"]  # fmt: skip
-    table = format_table(results, columns)
-    print(f"\nTraining sweep ({model['steps']} steps, reference {reference['config']}):\n{table}")
+    report = f"Training sweep ({model['steps']} steps, reference {reference['config']}):\n{benchmarking.format_table(results, columns)}"
 
     speed_rows = []
     if not args.skip_speed:
-        for kind in progress(("fp32", "nvfp4", "quantize"), desc="fp4 speed"):
-            speed_rows.append(run_in_subprocess(f"{__name__}:speed_config", kind=kind, **speed))
+        for kind in benchmarking.progress(("fp32", "nvfp4", "quantize"), desc="fp4 speed"):
+            speed_rows.append(benchmarking.run_in_subprocess(f"{__name__}:speed_config", threads=threads, kind=kind, **speed))
         base = speed_rows[0]["seconds"]
         for row in speed_rows:
             row["ratio_to_fp32"] = row["seconds"] / base
-            row["peak_rss_mib"] = mib(row["peak_rss_bytes"])
-        speed_table = format_table(
+            row["peak_rss_mib"] = benchmarking.mib(row["peak_rss_bytes"])
+        speed_table = benchmarking.format_table(
             speed_rows, ["kind", "seconds", "ratio_to_fp32", "elements_per_second", "packed_elements_per_second"]
         )
-        print(f"\nLinear {speed['features']}x{speed['features']}, {speed['tokens']} tokens, fwd+bwd:\n{speed_table}")
-        table += "\n\n" + speed_table
+        report += f"\n\nLinear {speed['features']}x{speed['features']}, {speed['tokens']} tokens, fwd+bwd:\n{speed_table}"
 
-    _plot(results, args.out / "fp4-sweep.png")
-    figures = {"model": model, "speed_shape": speed, "sweep": results, "speed": speed_rows,
-               "torch_threads": torch.get_num_threads()}  # fmt: skip
-    path = write_results(args.out, "fp4-sweep", figures, table)
-    print(f"\nwrote {path} and {args.out / 'fp4-sweep.png'}")
+    figures = {"model": model, "speed_shape": speed, "sweep": results, "speed": speed_rows, "torch_threads": threads}
+    benchmarking.finish(args.out, NAME, figures, report, lambda path: _plot(results, path))
     return 0

@@ -18,8 +18,10 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
+from lightning_bpfree.fp4.constants import COMPUTE_DTYPES
 from lightning_bpfree.fp4.linear import FP4Linear
-from lightning_bpfree.fp4.recipe import FP4Recipe
+from lightning_bpfree.fp4.recipe import FP4Recipe, check_recipe
+from lightning_bpfree.validation import check_choice, check_int, check_seed
 
 
 @dataclass
@@ -83,27 +85,34 @@ def _block_index(name: str, blocks_name: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def check_block_counts(high_precision_first_n: int, high_precision_last_n: int) -> None:
-    """Raise ``ValueError`` unless both block counts are non-negative ints."""
-    for argument, value in (("high_precision_first_n", high_precision_first_n),
-                            ("high_precision_last_n", high_precision_last_n)):  # fmt: skip
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{argument} must be a non-negative int, got {value!r}")
+@dataclass(frozen=True)
+class KeepHighPrecision:
+    """Which linear layers stay high precision besides output heads and embedding-tied weights.
+
+    Args:
+        patterns: name patterns (see ``matches_pattern``); a single string is one pattern.
+        first_n: keep every linear of the first N blocks.
+        last_n: keep every linear of the last N blocks.
+    """
+
+    patterns: tuple[str, ...] = ("lm_head",)
+    first_n: int = 0
+    last_n: int = 0
+
+    def __post_init__(self) -> None:
+        patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
+        object.__setattr__(self, "patterns", patterns)
+        check_int("high_precision_first_n", self.first_n, low=0)
+        check_int("high_precision_last_n", self.last_n, low=0)
 
 
 def plan_conversion(
-    module: nn.Module,
-    recipe: FP4Recipe | None = None,
-    *,
-    keep_high_precision: Sequence[str] = ("lm_head",),
-    high_precision_first_n: int = 0,
-    high_precision_last_n: int = 0,
+    module: nn.Module, recipe: FP4Recipe | None = None, keep: KeepHighPrecision | None = None
 ) -> ConversionReport:
-    """Decide, without changing ``module``, which ``nn.Linear`` layers go FP4 (arguments as ``convert_to_fp4``)."""
-    recipe = recipe or FP4Recipe()
-    if isinstance(keep_high_precision, str):
-        keep_high_precision = (keep_high_precision,)
-    check_block_counts(high_precision_first_n, high_precision_last_n)
+    """Decide, without changing ``module``, which ``nn.Linear`` layers go FP4 (as ``convert_to_fp4`` would)."""
+    recipe = check_recipe(recipe)
+    keep = keep or KeepHighPrecision()
+    keep_high_precision, high_precision_first_n, high_precision_last_n = keep.patterns, keep.first_n, keep.last_n
     blocks_name, num_blocks = find_blocks(module)
     if (high_precision_first_n or high_precision_last_n) and blocks_name is None:
         raise ValueError("high_precision_first_n/last_n need a model whose blocks sit in an nn.ModuleList")
@@ -169,11 +178,11 @@ def convert_to_fp4(
     Returns:
         a ``ConversionReport``.
     """
-    recipe = recipe or FP4Recipe()
-    report = plan_conversion(
-        module, recipe, keep_high_precision=keep_high_precision,
-        high_precision_first_n=high_precision_first_n, high_precision_last_n=high_precision_last_n,
-    )  # fmt: skip
+    recipe = check_recipe(recipe)
+    keep = KeepHighPrecision(keep_high_precision, high_precision_first_n, high_precision_last_n)
+    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    check_seed("seed", seed)
+    report = plan_conversion(module, recipe, keep)
     for offset, name in enumerate(report.converted):
         layer = FP4Linear.from_linear(module.get_submodule(name), recipe, compute_dtype, seed=seed + offset)
         replace_module(module, name, layer)

@@ -26,13 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
-E2M1_MAX = 6.0
-E2M1_MAX_EXPONENT = 2  # 6 = 1.5 * 2**2: the MX scale rule subtracts this from floor(log2(amax))
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-"""Magnitude of each 3-bit E2M1 code; bit 3 of a 4-bit code is the sign."""
-
-ROUNDING_MODES = ("nearest", "stochastic")
-FLOAT32_MAX = torch.finfo(torch.float32).max
+from lightning_bpfree.fp4.constants import (
+    E2M1_MAX,
+    E2M1_VALUES,
+    E8M0_BIAS,
+    E8M0_MAX,
+    MXFP4_BLOCK_SIZE,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_TENSOR_SCALE_TARGET,
+    ROUNDING_MODES,
+    SCALE_RULES,
+    UE4M3_MAX,
+    UE5M3_MAX,
+)
+from lightning_bpfree.validation import check_choice, check_int
 
 
 @dataclass(frozen=True)
@@ -103,15 +110,13 @@ class ScaleFormat:
         return torch.where(exponent_field > 0, normal, subnormal)
 
 
-UE4M3 = ScaleFormat("ue4m3", exponent_bits=4, mantissa_bits=3, bias=7, max_value=448.0)
+UE4M3 = ScaleFormat("ue4m3", exponent_bits=4, mantissa_bits=3, bias=7, max_value=UE4M3_MAX)
 """The FP8 E4M3 block scale of NVFP4 with its unused sign bit: max 448, smallest subnormal 2^-9."""
-UE5M3 = ScaleFormat("ue5m3", exponent_bits=5, mantissa_bits=3, bias=15, max_value=61440.0)
+UE5M3 = ScaleFormat("ue5m3", exponent_bits=5, mantissa_bits=3, bias=15, max_value=UE5M3_MAX)
 """Unsigned E5M3 with IEEE-style reserved top exponent: max 61440 = 1.875 * 2^15, min normal 2^-14,
 smallest subnormal 2^-17 (the Graphcore numerics). Pass another ``ScaleFormat`` for the 114688 variant."""
-E8M0 = ScaleFormat("e8m0", exponent_bits=8, mantissa_bits=0, bias=127, max_value=2.0**127, subnormals=False)
+E8M0 = ScaleFormat("e8m0", exponent_bits=8, mantissa_bits=0, bias=E8M0_BIAS, max_value=E8M0_MAX, subnormals=False)
 """The OCP MX shared scale: a power of two 2^-127 .. 2^127 (code 255 is NaN and never produced)."""
-
-SCALE_RULES = ("chain", "mx_floor", "mx_ceil")
 
 
 @dataclass(frozen=True)
@@ -137,18 +142,18 @@ class FP4Format:
     tensor_scale_target: float | None = None
 
     def __post_init__(self) -> None:
-        if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
-        if self.block_size < 2 or self.block_size % 2:
+        check_choice("scale_rule", self.scale_rule, SCALE_RULES)
+        # packing puts two codes in a byte, so a block must hold an even number of elements
+        if check_int("block_size", self.block_size, low=2) % 2:
             raise ValueError(f"block_size must be an even number >= 2, got {self.block_size}")
 
 
 FORMATS: dict[str, FP4Format] = {
-    "nvfp4": FP4Format("nvfp4", 16, UE4M3, "chain", tensor_scale_target=448.0),
-    "ue4m3": FP4Format("ue4m3", 16, UE4M3, "chain"),
-    "ue5m3": FP4Format("ue5m3", 16, UE5M3, "chain", tensor_scale_target=448.0),
-    "mxfp4": FP4Format("mxfp4", 32, E8M0, "mx_floor"),
-    "mxfp4_ceil": FP4Format("mxfp4_ceil", 32, E8M0, "mx_ceil"),
+    "nvfp4": FP4Format("nvfp4", NVFP4_BLOCK_SIZE, UE4M3, "chain", tensor_scale_target=NVFP4_TENSOR_SCALE_TARGET),
+    "ue4m3": FP4Format("ue4m3", NVFP4_BLOCK_SIZE, UE4M3, "chain"),
+    "ue5m3": FP4Format("ue5m3", NVFP4_BLOCK_SIZE, UE5M3, "chain", tensor_scale_target=NVFP4_TENSOR_SCALE_TARGET),
+    "mxfp4": FP4Format("mxfp4", MXFP4_BLOCK_SIZE, E8M0, "mx_floor"),
+    "mxfp4_ceil": FP4Format("mxfp4_ceil", MXFP4_BLOCK_SIZE, E8M0, "mx_ceil"),
 }
 
 
@@ -156,14 +161,7 @@ def get_format(fmt: str | FP4Format) -> FP4Format:
     """The ``FP4Format`` named ``fmt`` (or ``fmt`` itself)."""
     if isinstance(fmt, FP4Format):
         return fmt
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {sorted(FORMATS)} or an FP4Format, got {fmt!r}")
-    return FORMATS[fmt]
-
-
-def check_rounding(rounding: str) -> None:
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    return FORMATS[check_choice("fmt", fmt, FORMATS)]
 
 
 def floor_log2(value: torch.Tensor) -> torch.Tensor:
@@ -189,7 +187,7 @@ def round_to_e2m1(x: torch.Tensor, rounding: str = "nearest", generator: torch.G
     Returns:
         float32 tensor of E2M1 values (signed; ``-0.0`` for negative inputs that round to zero).
     """
-    check_rounding(rounding)
+    check_choice("rounding", rounding, ROUNDING_MODES)
     magnitude = torch.clamp(x.abs(), max=E2M1_MAX)
     if rounding == "nearest":
         step = _e2m1_step(magnitude)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-WGRAD_SIGNS: tuple[int, ...] = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
-"""The fixed sign vector (the one NVIDIA's NVFP4 recipe uses for wgrad operands)."""
+from lightning_bpfree.fp4.constants import WGRAD_SIGNS
 
 
 def sylvester_hadamard(size: int) -> torch.Tensor:

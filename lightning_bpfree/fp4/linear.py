@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_bpfree.fp4.constants import COMPUTE_DTYPES, WGRAD_OPERANDS, WGRAD_SIGNS
 from lightning_bpfree.fp4.formats import get_format
-from lightning_bpfree.fp4.hadamard import WGRAD_SIGNS, random_hadamard_transform
+from lightning_bpfree.fp4.hadamard import random_hadamard_transform
 from lightning_bpfree.fp4.quantize import QuantizedTensor, dequantize, fake_quantize, quantize
-from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec
-
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec, check_recipe
+from lightning_bpfree.validation import check_choice, check_seed
 
 
 def _quantizer_kwargs(spec: OperandSpec, generator: torch.Generator | None) -> dict:
@@ -35,7 +35,7 @@ def _quantizer_kwargs(spec: OperandSpec, generator: torch.Generator | None) -> d
 
 def wgrad_token_multiple(recipe: FP4Recipe) -> int:
     """Token counts are zero-padded to this multiple for the wgrad GEMM (blocks and the RHT run along tokens)."""
-    sizes = [get_format(recipe.operand(name).fmt).block_size for name in ("wgrad_grad_output", "wgrad_input")]
+    sizes = [get_format(recipe.operand(name).fmt).block_size for name in WGRAD_OPERANDS]
     if recipe.rht:
         sizes.append(len(WGRAD_SIGNS))
     return math.lcm(*sizes)
@@ -127,11 +127,6 @@ class FP4LinearFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None
 
 
-def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
-
-
 def check_linear_shape(in_features: int, out_features: int, recipe: FP4Recipe) -> None:
     """Raise ``ValueError`` unless both feature counts are multiples of the recipe's block size."""
     multiple = recipe.block_multiple()
@@ -163,10 +158,8 @@ def fp4_linear(
     Returns:
         ``[..., out_features]`` in ``x``'s dtype.
     """
-    recipe = recipe or FP4Recipe()
-    if not isinstance(recipe, FP4Recipe):
-        raise TypeError(f"recipe must be an FP4Recipe, got {type(recipe).__name__}")
-    _check_compute_dtype(compute_dtype)
+    recipe = check_recipe(recipe)
+    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)}")
     check_linear_shape(weight.shape[1], weight.shape[0], recipe)
@@ -202,12 +195,13 @@ class FP4Linear(nn.Linear):
         compute_dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> None:
+        # checked before nn.Linear allocates the weight
+        recipe = check_recipe(recipe)
+        check_linear_shape(in_features, out_features, recipe)
+        check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+        seed = check_seed("seed", seed)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe = recipe or FP4Recipe()
-        if not isinstance(self.recipe, FP4Recipe):
-            raise TypeError(f"recipe must be an FP4Recipe, got {type(self.recipe).__name__}")
-        check_linear_shape(in_features, out_features, self.recipe)
-        _check_compute_dtype(compute_dtype)
+        self.recipe = recipe
         self.compute_dtype = compute_dtype
         self.seed = seed
         self.fp4_enabled = True

@@ -13,8 +13,6 @@ present, ``NVFP4Precision(backend="auto")`` hands the layers to TransformerEngin
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -24,49 +22,29 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_bpfree.fp4.convert import (
-    ConversionReport,
-    check_block_counts,
-    convert_to_fp4,
-    fp4_layers,
-    plan_conversion,
-    replace_module,
+from lightning_bpfree.fp4.constants import BACKENDS, COMPUTE_DTYPES, GEMMS, NVFP4_CAPABILITIES, OPERANDS
+from lightning_bpfree.fp4.convert import ConversionReport, KeepHighPrecision, convert_to_fp4, fp4_layers
+from lightning_bpfree.fp4.recipe import FP4Recipe, check_recipe
+from lightning_bpfree.fp4.transformer_engine import (
+    convert_to_transformer_engine,
+    nvfp4_hardware_available,
+    select_backend,
+    transformer_engine_autocast,
+    transformer_engine_available,
+    transformer_engine_recipe,
 )
-from lightning_bpfree.fp4.linear import COMPUTE_DTYPES
-from lightning_bpfree.fp4.recipe import GEMMS, OPERANDS, FP4Recipe
+from lightning_bpfree.validation import check_choice, check_int, check_optional, check_seed
 
-BACKENDS = ("auto", "emulate", "transformer_engine")
-NVFP4_CAPABILITIES = ((10, 0), (10, 3))  # full recipe (RHT + SR) only on SM100 / SM103
-
-
-def nvfp4_hardware_available() -> bool:
-    """Whether the current CUDA device has the full NVFP4 recipe in hardware (compute capability 10.0 / 10.3)."""
-    return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability()) in NVFP4_CAPABILITIES
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def select_backend(backend: str, recipe: FP4Recipe) -> str:
-    """``"transformer_engine"`` or ``"emulate"`` for the requested ``backend``.
-
-    ``"auto"`` picks TransformerEngine only for an all-NVFP4 recipe with TE installed on NVFP4 hardware;
-    ``"transformer_engine"`` raises ``RuntimeError`` when that is not the case.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "emulate":
-        return "emulate"
-    all_nvfp4 = all(recipe.operand(name).fmt == "nvfp4" for name in OPERANDS)
-    te_usable = all_nvfp4 and set(recipe.quantized_gemms) == set(GEMMS)
-    te_usable = te_usable and transformer_engine_available() and nvfp4_hardware_available()
-    if backend == "transformer_engine" and not te_usable:
-        raise RuntimeError(
-            "backend='transformer_engine' needs transformer_engine installed, a GPU of compute capability "
-            "10.0/10.3, and an all-NVFP4 recipe quantizing every GEMM; use backend='emulate' or 'auto'"
-        )
-    return "transformer_engine" if te_usable else "emulate"
+# Re-exported: these names were defined here before the TransformerEngine code moved out.
+__all__ = [
+    "BACKENDS",
+    "NVFP4_CAPABILITIES",
+    "FP4Precision",
+    "NVFP4Precision",
+    "nvfp4_hardware_available",
+    "select_backend",
+    "transformer_engine_available",
+]
 
 
 class FP4Precision(Precision):
@@ -101,31 +79,22 @@ class FP4Precision(Precision):
         seed: int = 0,
         backend: str = "emulate",
     ) -> None:
-        if recipe is None:
-            recipe = FP4Recipe()
-        elif isinstance(recipe, str):
-            recipe = FP4Recipe.preset(recipe)
-        elif not isinstance(recipe, FP4Recipe):
-            raise TypeError(f"recipe must be an FP4Recipe, a preset name or None, got {type(recipe).__name__}")
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
-        check_block_counts(high_precision_first_n, high_precision_last_n)
-        step = switch_to_high_precision_at_step
-        if step is not None and (not isinstance(step, int) or step < 0):
-            raise ValueError(f"switch_to_high_precision_at_step must be None or an int >= 0, got {step!r}")
-        unknown = [g for g in switch_gemms if g not in GEMMS]
-        if unknown or not switch_gemms:
-            raise ValueError(f"switch_gemms must be a non-empty subset of {GEMMS}, got {tuple(switch_gemms)}")
+        recipe = check_recipe(recipe, presets=True)
+        self.keep = KeepHighPrecision(keep_high_precision, high_precision_first_n, high_precision_last_n)
+        step = check_optional(check_int, "switch_to_high_precision_at_step", switch_to_high_precision_at_step, low=0)
+        switch_gemms = tuple(switch_gemms)
+        if not switch_gemms:
+            raise ValueError(f"switch_gemms must be a non-empty subset of {GEMMS}, got ()")
+        for gemm in switch_gemms:
+            check_choice("switch_gemms", gemm, GEMMS)
         self.recipe = recipe
-        self.keep_high_precision = (
-            (keep_high_precision,) if isinstance(keep_high_precision, str) else tuple(keep_high_precision)
-        )
-        self.high_precision_first_n = high_precision_first_n
-        self.high_precision_last_n = high_precision_last_n
+        self.keep_high_precision = self.keep.patterns
+        self.high_precision_first_n = self.keep.first_n
+        self.high_precision_last_n = self.keep.last_n
         self.switch_to_high_precision_at_step = step
-        self.switch_gemms = tuple(switch_gemms)
-        self.compute_dtype = compute_dtype
-        self.seed = seed
+        self.switch_gemms = switch_gemms
+        self.compute_dtype = check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+        self.seed = check_seed("seed", seed)
         self.backend = select_backend(backend, recipe)
         self.optimizer_steps = 0
         self.switched = False
@@ -138,12 +107,12 @@ class FP4Precision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Swap eligible ``nn.Linear`` layers in place (the return value is ``module`` itself)."""
         if self.backend == "transformer_engine":
-            self._layers = self._convert_to_transformer_engine(module)
+            self._te_recipe = transformer_engine_recipe(self.recipe)
+            self.report, self._layers = convert_to_transformer_engine(module, self.recipe, self.keep)
         else:
             self.report = convert_to_fp4(
-                module, self.recipe, keep_high_precision=self.keep_high_precision,
-                high_precision_first_n=self.high_precision_first_n,
-                high_precision_last_n=self.high_precision_last_n, compute_dtype=self.compute_dtype, seed=self.seed,
+                module, self.recipe, keep_high_precision=self.keep.patterns, high_precision_first_n=self.keep.first_n,
+                high_precision_last_n=self.keep.last_n, compute_dtype=self.compute_dtype, seed=self.seed,
             )  # fmt: skip
             self._layers = dict(fp4_layers(module))
             rank_zero_info(
@@ -154,38 +123,10 @@ class FP4Precision(Precision):
         self._maybe_switch()
         return module
 
-    def _convert_to_transformer_engine(self, module: nn.Module) -> dict[str, nn.Module]:
-        te = importlib.import_module("transformer_engine.pytorch")
-        te_recipe = importlib.import_module("transformer_engine.common.recipe")
-        self._te_recipe = te_recipe.NVFP4BlockScaling(
-            disable_rht=not self.recipe.rht,
-            disable_stochastic_rounding=not self.recipe.stochastic_rounding,
-            disable_2d_quantization=not self.recipe.two_d_weights,
-        )
-        self.report = plan_conversion(
-            module, self.recipe, keep_high_precision=self.keep_high_precision,
-            high_precision_first_n=self.high_precision_first_n, high_precision_last_n=self.high_precision_last_n,
-        )  # fmt: skip
-        layers = {}
-        for name in self.report.converted:
-            old = module.get_submodule(name)
-            new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
-                            params_dtype=old.weight.dtype, device=old.weight.device)  # fmt: skip
-            with torch.no_grad():
-                new.weight.copy_(old.weight)
-                if old.bias is not None:
-                    new.bias.copy_(old.bias)
-            replace_module(module, name, new)
-            layers[name] = new
-        return layers
-
     def forward_context(self) -> AbstractContextManager:
         if self.backend != "transformer_engine" or self.switched:
             return nullcontext()
-        te = importlib.import_module("transformer_engine.pytorch")
-        if hasattr(te, "autocast"):
-            return te.autocast(enabled=True, recipe=self._te_recipe)
-        return te.fp8_autocast(enabled=True, fp8_recipe=self._te_recipe)
+        return transformer_engine_autocast(self._te_recipe)
 
     # -- late switch ----------------------------------------------------------------------------------
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_bpfree.fp4.constants import E2M1_MAX, E2M1_MAX_EXPONENT, FLOAT32_MAX, ROUNDING_MODES
 from lightning_bpfree.fp4.formats import (
-    E2M1_MAX,
-    E2M1_MAX_EXPONENT,
-    FLOAT32_MAX,
     FP4Format,
-    check_rounding,
     codes_to_e2m1,
     e2m1_to_codes,
     floor_log2,
@@ -34,6 +31,7 @@ from lightning_bpfree.fp4.formats import (
     round_to_e2m1,
     unpack_codes,
 )
+from lightning_bpfree.validation import check_choice
 
 
 @dataclass
@@ -154,19 +152,38 @@ def _scales_and_values(
     return values, block_scale, decode_tensor
 
 
-def _prepare(
-    x: torch.Tensor, fmt: str | FP4Format, block_2d: bool, rounding: str, pad: bool
-) -> tuple[FP4Format, torch.Tensor]:
+def _quantize_blocks(
+    x: torch.Tensor, fmt: str | FP4Format, block_2d: bool, rounding: str, generator: torch.Generator | None, pad: bool
+) -> tuple[FP4Format, torch.Size, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check, pad and quantize ``x``, the part ``quantize`` and ``fake_quantize`` share.
+
+    Returns:
+        (format, padded shape, E2M1 values in the block view, block scales, tensor decode scale).
+    """
     fmt = get_format(fmt)
-    check_rounding(rounding)
+    check_choice("rounding", rounding, ROUNDING_MODES)
     _check_input(x, fmt, block_2d, pad)
-    return fmt, _pad_to_blocks(x.float(), fmt.block_size, block_2d)
+    padded = _pad_to_blocks(x.float(), fmt.block_size, block_2d)
+    return fmt, padded.shape, *_scales_and_values(padded, fmt, block_2d, rounding, generator)
 
 
-def _crop(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if x.shape == shape:
-        return x
-    return x[tuple(slice(0, n) for n in shape)]
+def _decode(
+    values: torch.Tensor,
+    block_scale: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    block_2d: bool,
+    padded_shape: torch.Size,
+    shape: torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(e2m1 * block_scale) * tensor_scale`` from the block view, cropped to ``shape``, in ``dtype``.
+
+    The one decode of ``dequantize`` and ``fake_quantize``, so the two agree bit for bit.
+    """
+    decoded = ((values * _per_block(block_scale, block_2d)) * tensor_scale).reshape(padded_shape)
+    if decoded.shape != shape:
+        decoded = decoded[tuple(slice(0, n) for n in shape)]
+    return decoded.to(dtype)
 
 
 def quantize(
@@ -192,11 +209,9 @@ def quantize(
     Returns:
         a ``QuantizedTensor``; ``dequantize`` of it equals ``fake_quantize(x, ...)`` bit for bit.
     """
-    shape, dtype = x.shape, x.dtype
-    fmt, padded = _prepare(x, fmt, block_2d, rounding, pad)
-    values, block_scale, decode_tensor = _scales_and_values(padded, fmt, block_2d, rounding, generator)
-    codes = pack_codes(e2m1_to_codes(values.reshape(padded.shape)))
-    return QuantizedTensor(codes, fmt.scale_format.encode(block_scale), decode_tensor, fmt, shape, dtype, block_2d)
+    fmt, padded_shape, values, block_scale, decode_tensor = _quantize_blocks(x, fmt, block_2d, rounding, generator, pad)
+    codes = pack_codes(e2m1_to_codes(values.reshape(padded_shape)))
+    return QuantizedTensor(codes, fmt.scale_format.encode(block_scale), decode_tensor, fmt, x.shape, x.dtype, block_2d)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -209,8 +224,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     values = q.element_values()
     blocks = _block_view(values, q.fmt.block_size, q.block_2d)
-    decoded = (blocks * _per_block(q.block_scales(), q.block_2d)) * q.tensor_scale
-    return _crop(decoded.reshape(values.shape), q.shape).to(dtype or q.dtype)
+    return _decode(blocks, q.block_scales(), q.tensor_scale, q.block_2d, values.shape, q.shape, dtype or q.dtype)
 
 
 def fake_quantize(
@@ -226,8 +240,5 @@ def fake_quantize(
 
     Arguments as in ``quantize``. Equal bit for bit to ``dequantize(quantize(x, ...))`` but skips packing.
     """
-    shape, dtype = x.shape, x.dtype
-    fmt, padded = _prepare(x, fmt, block_2d, rounding, pad)
-    values, block_scale, decode_tensor = _scales_and_values(padded, fmt, block_2d, rounding, generator)
-    decoded = (values * _per_block(block_scale, block_2d)) * decode_tensor
-    return _crop(decoded.reshape(padded.shape), shape).to(dtype)
+    fmt, padded_shape, values, block_scale, decode_tensor = _quantize_blocks(x, fmt, block_2d, rounding, generator, pad)
+    return _decode(values, block_scale, decode_tensor, block_2d, padded_shape, x.shape, x.dtype)

@@ -22,19 +22,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from lightning_bpfree.fp4.formats import get_format
-
-GEMMS = ("fprop", "dgrad", "wgrad")
-OPERANDS = (
-    "fprop_input",
-    "fprop_weight",
-    "dgrad_grad_output",
-    "dgrad_weight",
-    "wgrad_grad_output",
-    "wgrad_input",
+from lightning_bpfree.fp4.constants import (
+    GEMMS,
+    GRADIENT_OPERANDS,
+    OPERANDS,
+    ROUNDING_MODES,
+    WEIGHT_OPERANDS,
+    WGRAD_OPERANDS,
 )
-GRADIENT_OPERANDS = ("dgrad_grad_output", "wgrad_grad_output")
-WEIGHT_OPERANDS = ("fprop_weight", "dgrad_weight")
+from lightning_bpfree.fp4.formats import get_format
+from lightning_bpfree.validation import check_bool, check_choice
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,12 @@ class OperandSpec:
     rounding: str
     block_2d: bool
     rht: bool
+
+    def __post_init__(self) -> None:
+        get_format(self.fmt)
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
+        check_bool("block_2d", self.block_2d)
+        check_bool("rht", self.rht)
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,21 @@ class FP4Recipe:
 
     def __post_init__(self) -> None:
         get_format(self.fmt)
+        for flag in ("stochastic_rounding", "rht", "two_d_weights", "rht_bf16"):
+            check_bool(flag, getattr(self, flag))
         for name, fmt in dict(self.formats).items():
-            _check_names("formats", (name,), OPERANDS)
+            check_choice("formats", name, OPERANDS)
             get_format(fmt)
         object.__setattr__(self, "quantized_gemms", tuple(self.quantized_gemms))
         object.__setattr__(self, "rht_operands", tuple(self.rht_operands))
         object.__setattr__(self, "stochastic_operands", tuple(self.stochastic_operands))
-        _check_names("quantized_gemms", self.quantized_gemms, GEMMS)
-        _check_names("rht_operands", self.rht_operands, ("wgrad_grad_output", "wgrad_input"))
-        _check_names("stochastic_operands", self.stochastic_operands, OPERANDS)
+        for argument, names, allowed in (
+            ("quantized_gemms", self.quantized_gemms, GEMMS),
+            ("rht_operands", self.rht_operands, WGRAD_OPERANDS),
+            ("stochastic_operands", self.stochastic_operands, OPERANDS),
+        ):
+            for name in names:
+                check_choice(argument, name, allowed)
         if len(set(self.rht_operands)) == 1:
             raise ValueError(
                 "rht_operands must name both wgrad operands or none: the transform only cancels when "
@@ -118,9 +127,7 @@ class FP4Recipe:
     def preset(cls, name: str) -> FP4Recipe:
         """``"nvfp4"``, ``"mxfp4"`` or ``"ue5m3"``."""
         presets = {"nvfp4": cls.nvfp4, "mxfp4": cls.mxfp4, "ue5m3": cls.ue5m3}
-        if name not in presets:
-            raise ValueError(f"recipe must be one of {sorted(presets)} or an FP4Recipe, got {name!r}")
-        return presets[name]()
+        return presets[check_choice("recipe", name, presets)]()
 
     def replace(self, **changes: Any) -> FP4Recipe:
         """A copy with ``changes`` applied (``dataclasses.replace``)."""
@@ -128,7 +135,7 @@ class FP4Recipe:
 
     def operand(self, name: str) -> OperandSpec:
         """The resolved ``OperandSpec`` of operand ``name`` (one of ``OPERANDS``)."""
-        _check_names("operand", (name,), OPERANDS)
+        check_choice("operand", name, OPERANDS)
         stochastic = self.stochastic_rounding and name in self.stochastic_operands
         return OperandSpec(
             fmt=self.formats.get(name, self.fmt),
@@ -152,7 +159,17 @@ class FP4Recipe:
         return cls(**dict(state))
 
 
-def _check_names(argument: str, names: tuple[str, ...], allowed: tuple[str, ...]) -> None:
-    unknown = [name for name in names if name not in allowed]
-    if unknown:
-        raise ValueError(f"{argument} accepts {allowed}, got {unknown}")
+def check_recipe(recipe: FP4Recipe | str | None, *, presets: bool = False) -> FP4Recipe:
+    """``recipe`` itself, the default NVFP4 recipe for ``None``, or (with ``presets``) the preset it names.
+
+    Raises ``TypeError`` for anything else, ``ValueError`` for an unknown preset name.
+    """
+    if recipe is None:
+        return FP4Recipe()
+    if presets and isinstance(recipe, str):
+        return FP4Recipe.preset(recipe)
+    if not isinstance(recipe, FP4Recipe):
+        accepted = "an FP4Recipe, a preset name or None" if presets else "an FP4Recipe"
+        raise TypeError(f"recipe must be {accepted}, got {type(recipe).__name__}")
+    return recipe
+

@@ -11,6 +11,7 @@ Shapes: images ``[B, C, H, W]``, labels ``[B]`` int64, latents ``z`` ``[B, d]`` 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,37 +27,53 @@ from lightning_bpfree.noprop.schedules import (
     kl_to_standard_normal,
     sample_marginal,
 )
+from lightning_bpfree.validation import (
+    check_choice,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 SOLVERS = ("euler", "heun")
 
 
 class _NoPropNet(nn.Module):
-    """What the three variants share: the class embedding ``W``, the output layer on the final latent and
-    the choice of layout (``z`` stacked with the image when ``d == C*H*W``)."""
+    """What the three variants share: the class embedding ``W``, the output layer on the final latent,
+    the choice of layout (``z`` stacked with the image when ``d == C*H*W``) and the shape of the
+    denoising networks. Its keyword arguments, every variant's ``**options``, are listed in
+    :class:`NoPropDTNet`."""
 
     def __init__(
         self,
         num_classes: int,
         image_shape: Sequence[int],
-        embedding: str,
-        embedding_dim: int | None,
-        prototypes: Tensor | None,
-        train_embedding: bool | None,
+        *,
+        embedding: str = "learned",
+        embedding_dim: int | None = None,
+        prototypes: Tensor | None = None,
+        train_embedding: bool | None = None,
+        hidden: int = 128,
+        channels: Sequence[int] = (16, 32),
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.hidden, self.channels = hidden, channels
+        self.num_classes = check_int("num_classes", num_classes, low=2)
         self.image_shape = check_image_shape(image_shape)
         image_size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
         if embedding_dim is None:
             embedding_dim = image_size if embedding == "prototype" else num_classes
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        self.embedding_dim = embedding_dim
+        self.embedding_dim = check_positive_int("embedding_dim", embedding_dim)
         self.label_as_image = embedding_dim == image_size
         self.embedding = ClassEmbedding(num_classes, embedding_dim, embedding, prototypes, train_embedding)
         self.output_layer = nn.Linear(embedding_dim, num_classes)
+
+    def _denoiser(self, out_features: int, time_conditioned: bool) -> DenoiserBlock:
+        """A denoising network of this model's shape: ``(images, z [B, d], t) -> [B, out_features]``."""
+        return DenoiserBlock(
+            self.image_shape, self.embedding_dim, out_features, self.hidden, self.channels, self.label_as_image,
+            time_conditioned,
+        )  # fmt: skip
 
     def _check_batch(self, images: Tensor, labels: Tensor | None = None) -> None:
         check_images(images, self.image_shape)
@@ -95,19 +112,22 @@ class NoPropDTNet(_NoPropNet):
         num_classes: ``K``.
         image_shape: ``(C, H, W)``.
         num_blocks: ``T``.
-        embedding: ``"one-hot"``, ``"learned"`` or ``"prototype"``.
-        embedding_dim: ``d``; default ``K`` (``C*H*W`` for prototypes). ``d == C*H*W`` selects the
-            image layout.
-        prototypes: initial ``[K, d]`` embeddings for ``"prototype"``.
-        train_embedding: override whether ``W`` is trained.
         eta: scale of the denoising losses (paper: 0.1).
         max_alpha_bar: signal fraction of ``z_T`` (clip of the cosine schedule).
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
         inference_noise: add the ``sqrt(c_t) eps`` term during inference (the paper does).
         inference_samples: independent inference chains whose class probabilities ``forward`` averages
             (1: one chain, plain logits). Averaging Monte Carlo estimates ``p(y | x)`` under the
             stochastic update; it only matters with ``inference_noise=True``.
+        **options: keyword arguments every variant (DT, CT, FM) shares:
+
+            - ``embedding``: ``"one-hot"``, ``"learned"`` (orthogonal init, the default) or ``"prototype"``;
+            - ``embedding_dim``: ``d``; default ``K`` (``C*H*W`` for prototypes); ``d == C*H*W`` selects
+              the image layout;
+            - ``prototypes``: initial ``[K, d]`` (or ``[K, C, H, W]``) embeddings for ``"prototype"``, e.g.
+              :func:`lightning_bpfree.noprop.class_prototypes`;
+            - ``train_embedding``: override whether ``W`` is trained (default: all kinds but one-hot);
+            - ``hidden``: width of the hidden layers (default 128);
+            - ``channels``: conv widths of the image encoder (default ``(16, 32)``).
     """
 
     def __init__(
@@ -115,25 +135,17 @@ class NoPropDTNet(_NoPropNet):
         num_classes: int,
         image_shape: Sequence[int],
         num_blocks: int = 10,
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
+        *,
         eta: float = 0.1,
         max_alpha_bar: float = 0.999,
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
         inference_noise: bool = True,
         inference_samples: int = 1,
+        **options: Any,
     ) -> None:
-        super().__init__(num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding)
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-        if not isinstance(inference_samples, int) or inference_samples < 1:
-            raise ValueError(f"inference_samples must be an int >= 1, got {inference_samples!r}")
-        self.inference_samples = inference_samples
-        if eta <= 0:
-            raise ValueError(f"eta must be > 0, got {eta}")
+        super().__init__(num_classes, image_shape, **options)
+        check_positive_int("num_blocks", num_blocks)
+        self.inference_samples = check_positive_int("inference_samples", inference_samples)
+        check_positive_float("eta", eta)
         alpha_bar = cosine_alpha_bar(num_blocks, max_alpha_bar=max_alpha_bar)
         a, b, c = dt_inference_coefficients(alpha_bar)
         self.register_buffer("alpha_bar", alpha_bar.float())
@@ -142,10 +154,7 @@ class NoPropDTNet(_NoPropNet):
         self.register_buffer("coef_b", b.float())
         self.register_buffer("coef_c", c.float())
         self.inference_noise = inference_noise
-        self.blocks = nn.ModuleList(
-            DenoiserBlock(self.image_shape, self.embedding_dim, num_classes, hidden, channels, self.label_as_image)
-            for _ in range(num_blocks)
-        )
+        self.blocks = nn.ModuleList(self._denoiser(num_classes, time_conditioned=False) for _ in range(num_blocks))
 
     @property
     def num_blocks(self) -> int:
@@ -260,46 +269,34 @@ class NoPropCTNet(_NoPropNet):
     its trapezoidal corrector, two calls per step).
 
     Args:
-        num_classes: as NoPropDTNet.
-        image_shape: as NoPropDTNet.
-        embedding: as NoPropDTNet.
-        embedding_dim: as NoPropDTNet.
-        prototypes: as NoPropDTNet.
-        train_embedding: as NoPropDTNet.
+        num_classes: ``K``.
+        image_shape: ``(C, H, W)``.
         eta: scale of the denoising loss (paper: 1).
         gamma_min: ``gamma(1)``, the low end of the log-SNR range.
         gamma_max: ``gamma(0)``, the high end of the log-SNR range.
         inference_steps: number of ODE steps.
         solver: ``"euler"`` or ``"heun"``.
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
+        **options: the options every variant shares (see :class:`NoPropDTNet`).
     """
 
     def __init__(
         self,
         num_classes: int,
         image_shape: Sequence[int],
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
+        *,
         eta: float = 1.0,
         gamma_min: float = -4.0,
         gamma_max: float = 4.0,
         inference_steps: int = 20,
         solver: str = "euler",
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
+        **options: Any,
     ) -> None:
-        super().__init__(num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding)
-        if eta <= 0:
-            raise ValueError(f"eta must be > 0, got {eta}")
+        super().__init__(num_classes, image_shape, **options)
+        check_positive_float("eta", eta)
         _check_solver(solver, inference_steps)
         self.eta, self.inference_steps, self.solver = eta, inference_steps, solver
         self.schedule = LearnableNoiseSchedule(gamma_min, gamma_max)
-        self.denoiser = DenoiserBlock(
-            self.image_shape, self.embedding_dim, num_classes, hidden, channels, self.label_as_image, True
-        )
+        self.denoiser = self._denoiser(num_classes, time_conditioned=True)
 
     def predict_embedding(self, images: Tensor, z: Tensor, t: Tensor) -> Tensor:
         """``u_hat(z_t, x, t)``, ``[B, d]``; ``t`` is ``[B]``."""
@@ -349,45 +346,28 @@ class NoPropFMNet(_NoPropNet):
     ``z_t + (1 - t) v``. Inference: Euler from ``z_0 ~ N(0, I)`` at ``t = 0`` to ``t = 1``.
 
     Args:
-        num_classes: as NoPropDTNet.
-        image_shape: as NoPropDTNet.
-        embedding: as NoPropDTNet.
-        embedding_dim: as NoPropDTNet.
-        prototypes: as NoPropDTNet.
-        train_embedding: as NoPropDTNet.
+        num_classes: ``K``.
+        image_shape: ``(C, H, W)``.
         ce_weight: weight of the cross-entropy term (0 turns it off).
         inference_steps: Euler steps.
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
+        **options: the options every variant shares (see :class:`NoPropDTNet`).
     """
 
     def __init__(
         self,
         num_classes: int,
         image_shape: Sequence[int],
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
+        *,
         ce_weight: float = 1.0,
         inference_steps: int = 20,
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
+        **options: Any,
     ) -> None:
-        super().__init__(num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding)
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+        super().__init__(num_classes, image_shape, **options)
+        check_nonnegative_float("ce_weight", ce_weight)
         _check_solver("euler", inference_steps)
         self.ce_weight, self.inference_steps = ce_weight, inference_steps
-        self.denoiser = DenoiserBlock(
-            self.image_shape,
-            self.embedding_dim,
-            self.embedding_dim,
-            hidden,
-            channels,
-            self.label_as_image,
-            True,
-        )
+        # the network predicts a velocity in embedding space, so its output is d wide
+        self.denoiser = self._denoiser(self.embedding_dim, time_conditioned=True)
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The FM objective for one batch and its parts (``flow``, ``ce``)."""
@@ -434,7 +414,5 @@ class NoPropFMNet(_NoPropNet):
 
 
 def _check_solver(solver: str, steps: int) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"inference_steps must be an int >= 1, got {steps!r}")
+    check_choice("solver", solver, SOLVERS)
+    check_positive_int("inference_steps", steps)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_bpfree.validation import check_choice
+
 EMBEDDINGS = ("one-hot", "learned", "prototype")
 
 
@@ -180,8 +182,7 @@ class ClassEmbedding(nn.Module):
         trainable: bool | None = None,
     ) -> None:
         super().__init__()
-        if kind not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
+        check_choice("embedding", kind, EMBEDDINGS)
         if kind == "one-hot":
             if embedding_dim != num_classes:
                 raise ValueError(

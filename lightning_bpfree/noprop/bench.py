@@ -10,26 +10,16 @@ step memory) into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Any
 
 import torch
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    mib,
-    new_figure,
-    peak_rss_bytes,
-    progress,
-    run_in_subprocess,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
 
-NAME = "noprop-bench"
+NAME = command_name(__name__)
 METHODS = ("backprop", "noprop-dt", "noprop-ct", "noprop-fm")
 IMAGE_SHAPE = (1, 28, 28)
 
@@ -160,9 +150,9 @@ def measure(method: str, batch_size: int, num_blocks: int, hidden: int, channels
     then (``step_peak_rss_bytes``) minus the RSS on entry (``entry_rss_bytes``) is the memory of the
     model, its optimizer states and one step's activations.
     """
-    entry = peak_rss_bytes()
+    entry = benchmarking.peak_rss_bytes()
     step_memory(method, batch_size, num_blocks, hidden, channels)
-    step_peak = peak_rss_bytes()
+    step_peak = benchmarking.peak_rss_bytes()
     result = train_config(method, batch_size=batch_size, num_blocks=num_blocks, hidden=hidden, channels=channels,
                           **fit_args)  # fmt: skip
     return {**result, "entry_rss_bytes": entry, "step_peak_rss_bytes": step_peak}
@@ -235,7 +225,7 @@ def target_verdicts(curves: dict[str, tuple[str, list[float]]], last: int) -> li
 
 
 def _plot(results: dict[str, dict[str, Any]], path) -> None:
-    fig, (accuracy_axis, memory_axis) = new_figure(ncols=2, width=5.5, height=3.8)
+    fig, (accuracy_axis, memory_axis) = benchmarking.new_figure(ncols=2, width=5.5, height=3.8)
     for name, (_, curve) in accuracy_curves(results).items():
         epochs = range(1, len(curve) + 1)
         accuracy_axis.plot(epochs, [100 * a for a in curve], marker="o", markersize=3, label=name)
@@ -250,12 +240,11 @@ def _plot(results: dict[str, dict[str, Any]], path) -> None:
     memory_axis.set_ylabel("MiB above imports")
     memory_axis.set_title("peak RSS of a training step")
     memory_axis.tick_params(axis="x", rotation=20)
-    save_figure(fig, path)
+    benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bpfree noprop-bench", description=__doc__.splitlines()[0])
-    add_output_args(parser, NAME)
+    parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {METHODS}")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20, quick 2)")
     parser.add_argument("--train-limit", type=int, default=None, help="training images (default 6000, quick 1000)")
@@ -278,15 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(k < 1 for k in samples):
         raise ValueError(f"--dt-inference-samples must be >= 1, got {samples}")
     model_args = dict(num_blocks=args.num_blocks, hidden=args.hidden, channels=args.channels)
+    threads = benchmarking.torch_threads(args.threads)
 
     results: dict[str, dict[str, Any]] = {}
-    for method in progress(args.methods, desc="noprop-bench"):
-        result = run_in_subprocess(
-            f"{__name__}:measure", method=method, epochs=epochs, train_limit=train_limit,
+    for method in benchmarking.progress(args.methods, desc=NAME):
+        result = benchmarking.run_in_subprocess(
+            f"{__name__}:measure", threads=threads, method=method, epochs=epochs, train_limit=train_limit,
             test_limit=test_limit, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             inference_samples=samples, **model_args,
         )  # fmt: skip
-        result["step_memory_mib"] = mib(result["step_peak_rss_bytes"] - result["entry_rss_bytes"])
+        result["step_memory_mib"] = benchmarking.mib(result["step_peak_rss_bytes"] - result["entry_rss_bytes"])
         results[method] = result
 
     curves = accuracy_curves(results)
@@ -303,28 +293,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, (method, curve) in curves.items()
     ]
-    table = format_table(rows)
-    print(
-        f"Fashion-MNIST: {train_limit} training images, {test_limit} test images, {epochs} epochs, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads in the parent"
-    )
-    print(table)
     verdicts = target_verdicts(curves, last)
-    for line in verdicts:
-        print(line)
+    report = [
+        f"Fashion-MNIST: {train_limit} training images, {test_limit} test images, {epochs} epochs, "
+        f"batch {args.batch_size}, {threads} thread(s) per method",
+        benchmarking.format_table(rows),
+        "\n".join(verdicts),
+    ]
     if "noprop-dt" in results:
         averaged = results["noprop-dt"]["final_accuracy_by_inference_samples"]
-        averaged_table = format_table(
-            [{"chains averaged": int(k), "noprop-dt final test acc (%)": 100 * a} for k, a in averaged.items()]
-        )
-        print("NoProp-DT after the last epoch, paper inference, class probabilities averaged over K chains:")
-        print(averaged_table)
-        table += "\n\n" + averaged_table
-    config = dict(vars(args), epochs=epochs, train_limit=train_limit, test_limit=test_limit, out=str(args.out))
-    write_results(args.out, NAME, {"config": config, "results": results, "table": rows, "target": verdicts},
-                  table + "\n\n" + "\n".join(verdicts))  # fmt: skip
-    _plot(results, args.out / f"{NAME}.png")
-    print(f"wrote {args.out}/{NAME}.json, .md and .png")
+        report.append(
+            "NoProp-DT after the last epoch, paper inference, class probabilities averaged over K chains:\n"
+            + benchmarking.format_table([{"chains averaged": int(k), "noprop-dt final test acc (%)": 100 * a}
+                            for k, a in averaged.items()])
+        )  # fmt: skip
+    config = dict(vars(args), epochs=epochs, train_limit=train_limit, test_limit=test_limit, threads=threads,
+                  out=str(args.out))  # fmt: skip
+    figures = {"config": config, "results": results, "table": rows, "target": verdicts}
+    benchmarking.finish(args.out, NAME, figures, "\n\n".join(report), lambda path: _plot(results, path))
     return 0
 
 

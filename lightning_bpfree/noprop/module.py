@@ -7,6 +7,7 @@ logits ``[B, K]``. Validation and test accuracy are logged as ``val_acc`` / ``te
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -16,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_bpfree.noprop.algorithms import NoPropCTNet, NoPropDTNet, NoPropFMNet, noprop_dt_step
 from lightning_bpfree.noprop.backbone import BackpropClassifier
+from lightning_bpfree.validation import check_nonnegative_float, check_positive_float
 
 
 def _no_closure() -> None:
@@ -23,25 +25,42 @@ def _no_closure() -> None:
 
 
 class _Classifier(L.LightningModule):
-    """Evaluation shared by every variant: ``forward`` gives logits, accuracy is logged per epoch."""
+    """What every variant shares: the construction of its plain-PyTorch network (``net_class``, given
+    ``num_classes``, ``image_shape`` and the ``**net_options``), AdamW, ``forward`` giving logits, and
+    accuracy logged per epoch.
 
+    The variants' own arguments are those of their network; only ``lr`` and ``weight_decay`` are the
+    module's, so each network's signature is written once, in :mod:`lightning_bpfree.noprop.algorithms`.
+    """
+
+    net_class: type[torch.nn.Module]
     net: torch.nn.Module
 
-    def __init__(self, num_classes: int, lr: float, weight_decay: float) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: Sequence[int],
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        **net_options: Any,
+    ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr = check_positive_float("lr", lr)
+        self.weight_decay = check_nonnegative_float("weight_decay", weight_decay)
+        self.save_hyperparameters()  # num_classes, image_shape, lr, weight_decay and the net options given
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.net = self.net_class(num_classes, image_shape, **net_options)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
     def _adamw(self, parameters) -> torch.optim.Optimizer:
         return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        return self._adamw(self.net.parameters())  # one network, one optimizer (NoPropDT overrides)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -64,48 +83,20 @@ class NoPropDT(_Classifier):
     Args:
         num_classes: ``K``.
         image_shape: ``(C, H, W)`` of the inputs.
-        num_blocks: ``T`` (paper: 10).
-        embedding: ``"one-hot"``, ``"learned"`` (orthogonal init) or ``"prototype"`` (needs ``prototypes``,
-            e.g. :func:`lightning_bpfree.noprop.class_prototypes`).
-        embedding_dim: ``d``; default ``K`` (``C*H*W`` for prototypes); ``d == C*H*W`` feeds the noisy
-            label to the convolutions as an image.
-        prototypes: ``[K, d]`` or ``[K, C, H, W]`` initial class embeddings.
-        train_embedding: override whether the embeddings are trained (default: all but one-hot).
-        eta: denoising-loss scale (paper: 0.1).
-        max_alpha_bar: signal fraction of ``z_T``.
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
-        inference_noise: keep the ``sqrt(c_t) eps`` term at inference.
-        inference_samples: inference chains whose class probabilities are averaged (1: one chain).
         lr: AdamW learning rate of every optimizer (paper: 1e-3).
         weight_decay: AdamW weight decay (paper: 1e-3).
+        **net_options: the keyword arguments of :class:`~lightning_bpfree.noprop.NoPropDTNet`:
+            ``num_blocks`` (``T``, paper: 10), ``eta`` (paper: 0.1), ``max_alpha_bar``,
+            ``inference_noise``, ``inference_samples``, and the options every variant shares
+            (``embedding``, ``embedding_dim``, ``prototypes``, ``train_embedding``, ``hidden``, ``channels``).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        image_shape: Sequence[int],
-        num_blocks: int = 10,
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
-        eta: float = 0.1,
-        max_alpha_bar: float = 0.999,
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
-        inference_noise: bool = True,
-        inference_samples: int = 1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.net = NoPropDTNet(
-            num_classes, image_shape, num_blocks, embedding, embedding_dim, prototypes, train_embedding,
-            eta, max_alpha_bar, hidden, channels, inference_noise, inference_samples,
-        )  # fmt: skip
+    net_class = NoPropDTNet
+    net: NoPropDTNet
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return False  # one optimizer per block, stepped in training_step
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         blocks = [self._adamw(block.parameters()) for block in self.net.blocks]
@@ -142,9 +133,6 @@ class _SingleNetwork(_Classifier):
 
     net: NoPropCTNet | NoPropFMNet
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self._adamw(self.net.parameters())
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss, parts = self.net.loss(images, labels)
@@ -157,109 +145,35 @@ class _SingleNetwork(_Classifier):
 class NoPropCT(_SingleNetwork):
     """NoProp-CT: one time-conditioned network and a learnable noise schedule, ``t ~ U[0, 1]``.
 
-    Args:
-        num_classes: as :class:`NoPropDT`.
-        image_shape: as :class:`NoPropDT`.
-        embedding: as :class:`NoPropDT`.
-        embedding_dim: as :class:`NoPropDT`.
-        prototypes: as :class:`NoPropDT`.
-        train_embedding: as :class:`NoPropDT`.
-        eta: denoising-loss scale (paper: 1).
-        gamma_min: ``gamma(1)``, the low end of the log-SNR range.
-        gamma_max: ``gamma(0)``, the high end of the log-SNR range.
-        inference_steps: ODE steps at inference.
-        solver: ``"euler"`` or ``"heun"``.
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
-        lr: AdamW learning rate of every optimizer (paper: 1e-3).
-        weight_decay: AdamW weight decay (paper: 1e-3).
+    ``num_classes``, ``image_shape``, ``lr`` and ``weight_decay`` as in :class:`NoPropDT`; the other
+    keyword arguments (``**net_options``) are those of :class:`~lightning_bpfree.noprop.NoPropCTNet`:
+    ``eta`` (paper: 1), ``gamma_min``, ``gamma_max``, ``inference_steps``, ``solver`` (``"euler"`` or
+    ``"heun"``), and the options every variant shares.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        image_shape: Sequence[int],
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
-        eta: float = 1.0,
-        gamma_min: float = -4.0,
-        gamma_max: float = 4.0,
-        inference_steps: int = 20,
-        solver: str = "euler",
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
-        self.net = NoPropCTNet(
-            num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding,
-            eta, gamma_min, gamma_max, inference_steps, solver, hidden, channels,
-        )  # fmt: skip
+    net_class = NoPropCTNet
 
 
 class NoPropFM(_SingleNetwork):
     """NoProp-FM: flow matching from noise to the class embedding, Euler inference.
 
-    Args:
-        num_classes: as :class:`NoPropDT`.
-        image_shape: as :class:`NoPropDT`.
-        embedding: as :class:`NoPropDT`.
-        embedding_dim: as :class:`NoPropDT`.
-        prototypes: as :class:`NoPropDT`.
-        train_embedding: as :class:`NoPropDT`.
-        ce_weight: weight of the cross-entropy on the extrapolated ``z_1`` (0 turns it off).
-        inference_steps: Euler steps at inference.
-        hidden: width of the hidden layers.
-        channels: conv widths of the image encoder.
-        lr: AdamW learning rate of every optimizer (paper: 1e-3).
-        weight_decay: AdamW weight decay (paper: 1e-3).
+    ``num_classes``, ``image_shape``, ``lr`` and ``weight_decay`` as in :class:`NoPropDT`; the other
+    keyword arguments are those of :class:`~lightning_bpfree.noprop.NoPropFMNet`: ``ce_weight``
+    (weight of the cross-entropy on the extrapolated ``z_1``; 0 turns it off), ``inference_steps``,
+    and the options every variant shares.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        image_shape: Sequence[int],
-        embedding: str = "learned",
-        embedding_dim: int | None = None,
-        prototypes: Tensor | None = None,
-        train_embedding: bool | None = None,
-        ce_weight: float = 1.0,
-        inference_steps: int = 20,
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
-        self.net = NoPropFMNet(
-            num_classes, image_shape, embedding, embedding_dim, prototypes, train_embedding,
-            ce_weight, inference_steps, hidden, channels,
-        )  # fmt: skip
+    net_class = NoPropFMNet
 
 
 class BackpropBaseline(_Classifier):
-    """End-to-end backprop with the blocks' image encoder and head shape, cross-entropy, AdamW."""
+    """End-to-end backprop with the blocks' image encoder and head shape, cross-entropy, AdamW.
 
-    def __init__(
-        self,
-        num_classes: int,
-        image_shape: Sequence[int],
-        hidden: int = 128,
-        channels: Sequence[int] = (16, 32),
-        lr: float = 1e-3,
-        weight_decay: float = 1e-3,
-    ) -> None:
-        super().__init__(num_classes, lr, weight_decay)
-        self.save_hyperparameters()
-        self.net = BackpropClassifier(num_classes, image_shape, hidden, channels)
+    ``num_classes``, ``image_shape``, ``lr`` and ``weight_decay`` as in :class:`NoPropDT`; ``hidden``
+    and ``channels`` go to :class:`~lightning_bpfree.noprop.BackpropClassifier`.
+    """
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self._adamw(self.net.parameters())
+    net_class = BackpropClassifier
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch

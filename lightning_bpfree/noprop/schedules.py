@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_bpfree.validation import check_float, check_positive_float, check_positive_int
+
 
 def cosine_alpha_bar(num_steps: int, offset: float = 0.008, max_alpha_bar: float = 0.999) -> Tensor:
     """The cosine schedule read from the label end: signal fraction of ``z_0 .. z_T``.
@@ -33,12 +35,9 @@ def cosine_alpha_bar(num_steps: int, offset: float = 0.008, max_alpha_bar: float
     Returns:
         float64 ``[T + 1]``, non-decreasing, ``alpha_bar_0`` ~ 0 (noise) and ``alpha_bar_T = max_alpha_bar``.
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    if offset <= 0:
-        raise ValueError(f"offset must be > 0, got {offset}")
-    if not 0.0 < max_alpha_bar < 1.0:
-        raise ValueError(f"max_alpha_bar must be in (0, 1), got {max_alpha_bar}")
+    check_positive_int("num_steps", num_steps)
+    check_positive_float("offset", offset)
+    check_float("max_alpha_bar", max_alpha_bar, low=0.0, high=1.0, low_open=True, high_open=True)
     remaining = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
     f = torch.cos((remaining + offset) / (1.0 + offset) * math.pi / 2) ** 2
     return (f / f[-1]).clamp(0.0, max_alpha_bar)
@@ -146,8 +145,7 @@ class LearnableNoiseSchedule(nn.Module):
         super().__init__()
         if not gamma_min < gamma_max:
             raise ValueError(f"gamma_min must be < gamma_max, got {gamma_min} and {gamma_max}")
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        check_positive_int("hidden", hidden)
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
         # Raw weights pass through softplus, which keeps every layer increasing in t.
         self.linear_weight = nn.Parameter(torch.tensor(1.0))

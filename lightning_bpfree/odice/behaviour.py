@@ -28,6 +28,7 @@ from lightning_bpfree.odice.datasets import (
     rollout,
     single_thread,
 )
+from lightning_bpfree.validation import check_choice
 
 
 def pendulum_expert(observations: np.ndarray) -> np.ndarray:
@@ -43,7 +44,6 @@ def pendulum_expert(observations: np.ndarray) -> np.ndarray:
     pump = 2.0 * np.sign(velocity * (15.0 - energy) + 1e-6)
     balance = -(12.0 * theta + 2.5 * velocity)
     return np.clip(np.where(cos_theta > 0.85, balance, pump), -2.0, 2.0)[:, None].astype(np.float32)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,8 +233,7 @@ def make_dataset(
     and ``medium-expert``); without it one is trained here. ``medium-replay`` is the whole replay
     buffer, whatever its length; ``medium-expert`` holds ``num_steps`` of each.
     """
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"kind must be one of {DATASET_KINDS}, got {kind!r}")
+    check_choice("kind", kind, DATASET_KINDS)
     make_env(env_id).close()  # fail early on an unknown id or missing mujoco
     if kind == "random":
         data = rollout(env_id, None, num_steps, seed=seed)

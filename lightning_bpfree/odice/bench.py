@@ -17,38 +17,36 @@ import argparse
 import logging
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    new_figure,
-    progress,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
 
-NAME = "odice-bench"
+NAME = command_name(__name__)
 GRADIENT_RULES = ("orthogonal", "semi", "true")
 
 
-def train_one(
-    dataset_path: str,
-    gradient: str,
-    seed: int,
-    steps: int,
-    eval_every: int,
-    *,
-    batch_size: int = 256,
-    hidden: int = 256,
-    lr: float = 2e-4,
-    lam: float = 0.6,
-    eta: float = 1.0,
-    episodes: int = 10,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainSettings:
+    """One ODICE run: ``steps`` batches of ``batch_size`` transitions, ``episodes`` evaluation episodes
+    every ``eval_every`` steps; two ``hidden``-wide layers in the value and policy MLPs, Adam at ``lr``
+    for both; ODICE's ``lam`` and ``eta`` (weight of the projected backward gradient)."""
+
+    steps: int
+    eval_every: int
+    batch_size: int = 256
+    hidden: int = 256
+    lr: float = 2e-4
+    lam: float = 0.6
+    eta: float = 1.0
+    episodes: int = 10
+
+
+def train_one(dataset_path: str, gradient: str, seed: int, settings: TrainSettings) -> dict[str, Any]:
     """Train one ODICE configuration; return its evaluation history and wall-clock seconds."""
     import lightning as L
     import torch
@@ -59,20 +57,23 @@ def train_one(
 
     data = OfflineDataset.load(dataset_path)
     L.seed_everything(seed, verbose=False)
+    hidden, lr = (settings.hidden, settings.hidden), settings.lr
     model = ODICE.for_dataset(
         data,
         gradient=gradient,
-        value_hidden=(hidden, hidden),
-        policy_hidden=(hidden, hidden),
+        value_hidden=hidden,
+        policy_hidden=hidden,
         value_lr=lr,
         policy_lr=lr,
-        lam=lam,
-        eta=eta,
+        lam=settings.lam,
+        eta=settings.eta,
         log_every_n_steps=100,  # nothing is logged (logger=False); the diagnostics come via the callback
     )
-    evaluation = OfflineEvaluation(data.env_id, every_n_steps=eval_every, episodes=episodes, seed=10_000 + seed)
+    evaluation = OfflineEvaluation(
+        data.env_id, every_n_steps=settings.eval_every, episodes=settings.episodes, seed=10_000 + seed
+    )
     trainer = L.Trainer(
-        max_steps=steps,
+        max_steps=settings.steps,
         accelerator="cpu",
         callbacks=[evaluation],
         logger=False,
@@ -82,7 +83,8 @@ def train_one(
     )
     start = time.perf_counter()
     with torch.random.fork_rng():
-        trainer.fit(model, offline_dataloader(data, batch_size=batch_size, num_batches=steps, seed=seed))
+        loader = offline_dataloader(data, batch_size=settings.batch_size, num_batches=settings.steps, seed=seed)
+        trainer.fit(model, loader)
     history = evaluation.history
     final = float(np.mean([row["normalized_return"] for row in history[-2:]]))
     cosines = [row["cos_forward_backward"] for row in history if "cos_forward_backward" in row]
@@ -120,7 +122,7 @@ def _summarise(runs: list[dict[str, Any]], kinds: list[str]) -> list[dict[str, A
 
 
 def _plot(runs: list[dict[str, Any]], kinds: list[str], path: Path) -> Path:
-    fig, axes = new_figure(ncols=len(kinds) + 1, width=4.0, height=3.4)
+    fig, axes = benchmarking.new_figure(ncols=len(kinds) + 1, width=4.0, height=3.4)
     colours = {"orthogonal": "tab:blue", "semi": "tab:orange", "true": "tab:red"}
     for ax, kind in zip(axes, kinds):
         for gradient in GRADIENT_RULES:
@@ -150,12 +152,11 @@ def _plot(runs: list[dict[str, Any]], kinds: list[str], path: Path) -> Path:
     ax.set_xlabel("training step")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return benchmarking.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"bpfree {NAME}", description=__doc__.split("\n\n")[0])
-    add_output_args(parser, NAME)
+    parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1: small networks, threads only add contention")
     parser.add_argument("--env", default="Pendulum-v1", help="gymnasium environment id")
     parser.add_argument(
         "--datasets", nargs="+", default=["medium", "medium-replay", "medium-expert"], help="dataset kinds"
@@ -179,16 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     transitions = args.transitions or (2_000 if args.quick else 20_000)
     if steps <= 0 or eval_every <= 0 or transitions <= 0 or args.seeds <= 0:
         parser.error("--steps, --eval-every, --transitions and --seeds must be positive")
-
-    import torch
-
-    from lightning_bpfree.odice.behaviour import load_or_make_datasets
-    from lightning_bpfree.odice.datasets import DATASET_KINDS, normalized_return
+    from lightning_bpfree.odice.datasets import DATASET_KINDS
 
     bad = [k for k in args.datasets if k not in DATASET_KINDS]
     if bad:
         parser.error(f"unknown dataset kinds {bad}; choose from {DATASET_KINDS}")
-    torch.set_num_threads(1)  # small networks: threads only add contention
+    settings = TrainSettings(steps=steps, eval_every=eval_every, batch_size=args.batch_size, hidden=args.hidden,
+                             lr=args.lr, lam=args.lam, eta=args.eta)  # fmt: skip
+    with benchmarking.using_threads(benchmarking.torch_threads(args.threads, default=1)) as threads:
+        return _run(args, settings, transitions, threads)
+
+
+def _run(args: argparse.Namespace, settings: TrainSettings, transitions: int, threads: int) -> int:
+    from lightning_bpfree.odice.behaviour import load_or_make_datasets
+    from lightning_bpfree.odice.datasets import normalized_return
+
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     cache_dir = args.cache_dir or args.out / "datasets"
@@ -212,53 +218,33 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.seeds)
     ]
     runs = []
-    for kind, gradient, seed in progress(configs, desc=NAME):
+    for kind, gradient, seed in benchmarking.progress(configs, desc=NAME):
         path = cache_dir / f"{args.env}-{kind}-{transitions}-s{args.seed}.npz"
-        result = train_one(
-            str(path),
-            gradient,
-            seed,
-            steps,
-            eval_every,
-            batch_size=args.batch_size,
-            hidden=args.hidden,
-            lr=args.lr,
-            lam=args.lam,
-            eta=args.eta,
-        )
+        result = train_one(str(path), gradient, seed, settings)
         runs.append({"dataset": kind, "gradient": gradient, "seed": seed, **result})
     rows = _summarise(runs, args.datasets)
-    table = format_table(dataset_rows) + "\n\n" + format_table(rows)
+    table = benchmarking.format_table(dataset_rows) + "\n\n" + benchmarking.format_table(rows)
     average = {r["gradient"]: r["normalized return (mean)"] for r in rows if r["dataset"] == "average"}
     verdict = (
         "orthogonal >= both baselines on average: "
         f"{'yes' if average['orthogonal'] >= max(average['semi'], average['true']) else 'no'} "
         f"(orthogonal {average['orthogonal']:.1f}, semi {average['semi']:.1f}, true {average['true']:.1f})"
     )
-    print(table)
-    print(verdict)
     figures = {
         "env": args.env,
         "settings": {
-            "steps": steps,
-            "eval_every": eval_every,
+            **asdict(settings),
             "transitions": transitions,
             "seeds": args.seeds,
-            "hidden": args.hidden,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "lam": args.lam,
-            "eta": args.eta,
             "quick": args.quick,
+            "threads": threads,
         },
         "datasets": dataset_rows,
         "summary": rows,
         "verdict": verdict,
         "runs": runs,
     }
-    json_path = write_results(args.out, NAME, figures, table + "\n\n" + verdict)
-    png = _plot(runs, args.datasets, args.out / f"{NAME}.png")
-    print(f"wrote {json_path} and {png}")
+    benchmarking.finish(args.out, NAME, figures, table + "\n\n" + verdict, lambda path: _plot(runs, args.datasets, path))
     return 0
 
 

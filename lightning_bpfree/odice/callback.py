@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 
 from lightning_bpfree.odice.datasets import evaluate_policy, normalized_return
+from lightning_bpfree.validation import check_positive_int
 
 __all__ = ["OfflineEvaluation"]
 
@@ -21,10 +22,8 @@ class OfflineEvaluation(L.Callback):
     """
 
     def __init__(self, env_id: str, every_n_steps: int = 1000, episodes: int = 10, seed: int = 12345):
-        if every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
-        if episodes <= 0:
-            raise ValueError(f"episodes must be positive, got {episodes}")
+        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("episodes", episodes)
         normalized_return(env_id, 0.0)  # validates env_id
         self.env_id, self.every_n_steps, self.episodes, self.seed = env_id, every_n_steps, episodes, seed
         self.history: list[dict[str, float]] = []

@@ -16,13 +16,16 @@ This file has no Lightning import; :mod:`lightning_bpfree.odice.module` wraps it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from lightning_bpfree.validation import check_choice, check_nonnegative_float
+
 F_DIVERGENCES = ("pearson_chi2", "reverse_kl")
+GRADIENTS = ("orthogonal", "semi", "true")
 PROJECTION_MODES = ("odice", "pcgrad", "none")
 GRANULARITIES = ("global", "per_tensor")
 
@@ -77,12 +80,9 @@ def orthogonal_project(
         The combined gradient with the structure of ``g_forward``: a tensor for a tensor, a list of
         tensors of the same shapes for a list.
     """
-    if mode not in PROJECTION_MODES:
-        raise ValueError(f"mode must be one of {PROJECTION_MODES}, got {mode!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if not (eta >= 0.0):  # also rejects NaN
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    check_choice("mode", mode, PROJECTION_MODES)
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_nonnegative_float("eta", eta)
     forward, backward = _as_list(g_forward, "g_forward"), _as_list(g_backward, "g_backward")
     if len(forward) != len(backward):
         raise ValueError(f"g_forward has {len(forward)} tensors but g_backward has {len(backward)}")
@@ -262,3 +262,92 @@ def ema_update(target: nn.Module, source: nn.Module, rate: float) -> None:
     """target <- (1 - rate) target + rate source, parameter by parameter."""
     for p_target, p in zip(target.parameters(), source.parameters()):
         p_target.lerp_(p, rate)
+
+
+# --------------------------------------------------------------------------------------------------
+# One training step's gradients
+
+
+def _flat_norm(grads: Sequence[Tensor]) -> float:
+    return float(torch.cat([g.reshape(-1) for g in grads]).norm())
+
+
+def _plain_backward(loss: Tensor, retain_graph: bool = False) -> None:
+    loss.backward(retain_graph=retain_graph)
+
+
+def _grads_of(params: Sequence[Tensor], loss: Tensor, backward: Callable[..., Any]) -> list[Tensor]:
+    # through ``backward`` (not torch.autograd.grad) so that a Lightning strategy or precision plugin
+    # sees every backward; the graph is kept for the next part of the same objective
+    for p in params:
+        p.grad = None
+    backward(loss, retain_graph=True)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def compute_odice_gradients(
+    value: TwinValue,
+    target_value: nn.Module,
+    policy: GaussianPolicy,
+    batch: dict[str, Tensor],
+    *,
+    max_weight: float,
+    track_cosine: bool,
+    backward: Callable[..., Any] | None = None,
+    **objective: Any,
+) -> dict[str, float]:
+    """Fill ``.grad`` of every value and policy parameter for one ODICE step; return diagnostics.
+
+    Value parameters get g_linear + combine(g_f, g_b) where combine is :func:`orthogonal_project`
+    (``"orthogonal"``), g_f (``"semi"``) or g_f + g_b (``"true"``); policy parameters get the
+    gradient of the weighted behaviour-cloning loss ``-mean(w * log pi(a | s))`` with
+    ``w = policy_weights(residual)``. Nothing is stepped.
+
+    Args:
+        value, target_value, policy: the twin value net, its EMA target and the Gaussian policy.
+        batch: ``observations [B, obs_dim]``, ``actions [B, act_dim]`` (already in [-1, 1]),
+            ``rewards [B]``, ``next_observations [B, obs_dim]``, ``terminals [B]``.
+        max_weight: cap of the behaviour-cloning weights.
+        track_cosine: also compute g_b in ``"semi"`` mode (one more backward) for the cosine.
+        backward: ``backward(loss, retain_graph=...)`` runs a backward (default ``loss.backward``;
+            the LightningModule passes ``manual_backward``).
+        **objective: the keyword arguments of :func:`value_losses` (``gradient``, ``lam``, ``eta``,
+            ``discount``, ``divergence``), all required; the paper's defaults live in one place,
+            :class:`~lightning_bpfree.odice.ODICE`.
+
+    Returns:
+        ``value_loss``, ``policy_loss``, ``residual_mean``, ``weight_mean``, ``grad_forward_norm`` and,
+        when g_b was computed, ``cos_forward_backward`` and ``grad_backward_norm`` (Python floats).
+    """
+    backward = backward or _plain_backward
+    losses = value_losses(value, target_value, batch, **objective)
+    gradient, divergence = objective["gradient"], objective["divergence"]
+    value_params = list(value.parameters())
+    g_forward = _grads_of(value_params, losses["forward"], backward)
+    g_backward = _grads_of(value_params, losses["backward"], backward) if gradient != "semi" or track_cosine else None
+    if gradient == "orthogonal":
+        combined = orthogonal_project(g_forward, g_backward, eta=1.0)  # eta is already inside g_backward
+    elif gradient == "true":
+        combined = [f + b for f, b in zip(g_forward, g_backward)]
+    else:
+        combined = g_forward
+
+    weights = policy_weights(losses["residual"], divergence, max_weight)
+    policy_loss = -(weights * policy.log_prob(batch["observations"], batch["actions"])).mean()
+    for p in [*value_params, *policy.parameters()]:
+        p.grad = None
+    backward(losses["linear"] + policy_loss)
+    for p, g in zip(value_params, combined):
+        p.grad = g if p.grad is None else p.grad + g
+
+    diagnostics = {
+        "value_loss": float((losses["linear"] + losses["forward"]).detach()),
+        "policy_loss": float(policy_loss.detach()),
+        "residual_mean": float(losses["residual"].mean()),
+        "weight_mean": float(weights.mean()),
+        "grad_forward_norm": _flat_norm(g_forward),
+    }
+    if g_backward is not None:
+        diagnostics["cos_forward_backward"] = gradient_cosine(g_forward, g_backward)
+        diagnostics["grad_backward_norm"] = _flat_norm(g_backward)
+    return diagnostics

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_bpfree.validation import check_choice, check_float, check_nonnegative_float, check_positive_int
+
 DATASET_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 
@@ -161,8 +163,8 @@ def make_env(env_id: str, seed: int | None = None):
             import mujoco  # noqa: F401
         except ImportError as error:
             raise ImportError(f"{env_id} needs the `mujoco` package: pip install mujoco") from error
-    elif env_id not in REFERENCE_RETURNS:
-        raise ValueError(f"env_id must be one of {sorted(REFERENCE_RETURNS)}, got {env_id!r}")
+    else:
+        check_choice("env_id", env_id, REFERENCE_RETURNS)
     env = gym.make(env_id)
     if seed is not None:
         env.action_space.seed(seed)
@@ -171,8 +173,7 @@ def make_env(env_id: str, seed: int | None = None):
 
 def normalized_return(env_id: str, episode_return: float) -> float:
     """D4RL's normalized score: 0 for a random policy, 100 for the expert."""
-    if env_id not in REFERENCE_RETURNS:
-        raise ValueError(f"env_id must be one of {sorted(REFERENCE_RETURNS)}, got {env_id!r}")
+    check_choice("env_id", env_id, REFERENCE_RETURNS)
     random_return, expert_return = REFERENCE_RETURNS[env_id]
     return 100.0 * (episode_return - random_return) / (expert_return - random_return)
 
@@ -196,12 +197,9 @@ def rollout(
     ``num_steps``, so every episode ends in exactly one terminal or timeout.
     ``env_factory`` replaces ``make_env(env_id)`` (for custom environments).
     """
-    if num_steps <= 0:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    if num_envs <= 0:
-        raise ValueError(f"num_envs must be positive, got {num_envs}")
-    if action_noise < 0:
-        raise ValueError(f"action_noise must be >= 0, got {action_noise}")
+    check_positive_int("num_steps", num_steps)
+    check_positive_int("num_envs", num_envs)
+    check_nonnegative_float("action_noise", action_noise)
     envs = [env_factory() if env_factory else make_env(env_id) for _ in range(num_envs)]
     low, high = envs[0].action_space.low, envs[0].action_space.high
     rng = np.random.default_rng(seed)
@@ -251,8 +249,7 @@ def _empty_episode() -> dict[str, list]:
 @single_thread()
 def evaluate_policy(env_id: str, policy: ActionFn, episodes: int = 10, *, seed: int = 12345, env_factory=None) -> float:
     """Mean undiscounted return of ``policy`` over ``episodes`` full episodes (all run side by side)."""
-    if episodes <= 0:
-        raise ValueError(f"episodes must be positive, got {episodes}")
+    check_positive_int("episodes", episodes)
     envs = [env_factory() if env_factory else make_env(env_id) for _ in range(episodes)]
     observations = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]).astype(np.float32)
     low, high = envs[0].action_space.low, envs[0].action_space.high
@@ -289,8 +286,7 @@ def reward_scale_for(dataset: OfflineDataset, max_episode_steps: int | None = No
         return 1.0
     if max_episode_steps is None:
         max_episode_steps = _time_limit(dataset)
-    if max_episode_steps <= 0:
-        raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
+    check_positive_int("max_episode_steps", max_episode_steps)
     return float(max_episode_steps) / float(returns.max() - returns.min())
 
 
@@ -324,13 +320,11 @@ class OfflineBatches(torch.utils.data.IterableDataset):
         reward_scale: float | str = "auto",
         seed: int = 0,
     ) -> None:
-        if batch_size <= 0 or num_batches <= 0:
-            raise ValueError(f"batch_size and num_batches must be positive, got {batch_size}, {num_batches}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("num_batches", num_batches)
         if reward_scale == "auto":
             reward_scale = reward_scale_for(dataset)
-        elif not isinstance(reward_scale, (int, float)) or isinstance(reward_scale, bool):
-            raise TypeError(f"reward_scale must be a number or 'auto', got {reward_scale!r}")
-        self.reward_scale = float(reward_scale)
+        self.reward_scale = check_float("reward_scale", reward_scale)
         self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
         self.tensors = {
             "observations": torch.as_tensor(dataset.observations, dtype=torch.float32),

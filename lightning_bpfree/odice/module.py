@@ -25,19 +25,24 @@ from torch import Tensor
 
 from lightning_bpfree.odice.core import (
     F_DIVERGENCES,
+    GRADIENTS,
     GaussianPolicy,
     TwinValue,
+    compute_odice_gradients,
     ema_update,
-    gradient_cosine,
-    orthogonal_project,
-    policy_weights,
-    value_losses,
 )
 from lightning_bpfree.odice.datasets import OfflineDataset
+from lightning_bpfree.validation import (
+    check_choice,
+    check_float,
+    check_nonnegative_float,
+    check_positive_int,
+)
 
 __all__ = ["ODICE", "GRADIENTS"]
 
-GRADIENTS = ("orthogonal", "semi", "true")
+# the hyperparameters compute_odice_gradients takes, by name
+_GRADIENT_OPTIONS = ("gradient", "divergence", "lam", "eta", "discount", "max_weight", "track_cosine")
 
 
 class ODICE(L.LightningModule):
@@ -103,23 +108,15 @@ class ODICE(L.LightningModule):
         log_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-        if divergence not in F_DIVERGENCES:
-            raise ValueError(f"divergence must be one of {F_DIVERGENCES}, got {divergence!r}")
-        for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0.0 < lam <= 1.0:
-            raise ValueError(f"lam must lie in (0, 1], got {lam}")
-        if not eta >= 0.0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if not 0.0 <= discount < 1.0:
-            raise ValueError(f"discount must lie in [0, 1), got {discount}")
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps <= 0:
-            raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}")
-        if not 0.0 < target_update_rate <= 1.0:
-            raise ValueError(f"target_update_rate must lie in (0, 1], got {target_update_rate}")
+        check_choice("gradient", gradient, GRADIENTS)
+        check_choice("divergence", divergence, F_DIVERGENCES)
+        check_positive_int("obs_dim", obs_dim)
+        check_positive_int("act_dim", act_dim)
+        check_float("lam", lam, low=0.0, low_open=True, high=1.0)
+        check_nonnegative_float("eta", eta)
+        check_float("discount", discount, low=0.0, high=1.0, high_open=True)
+        check_positive_int("log_every_n_steps", log_every_n_steps)
+        check_float("target_update_rate", target_update_rate, low=0.0, low_open=True, high=1.0)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.value = TwinValue(obs_dim, value_hidden, layer_norm)
@@ -167,69 +164,20 @@ class ODICE(L.LightningModule):
             ]
         )
 
-    def _backward(self, loss: Tensor, retain_graph: bool = False) -> None:
-        # manual_backward routes through the strategy and precision plugin; outside a Trainer
-        # (unit tests, plain loops) a plain backward does the same job.
-        if self._trainer is not None:
-            self.manual_backward(loss, retain_graph=retain_graph)
-        else:
-            loss.backward(retain_graph=retain_graph)
-
-    def _value_grads(self, loss: Tensor, retain_graph: bool) -> list[Tensor]:
-        params = list(self.value.parameters())
-        for p in params:
-            p.grad = None
-        self._backward(loss, retain_graph=retain_graph)
-        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-
     def compute_gradients(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """Fill ``.grad`` of every value and policy parameter for ``batch``; return diagnostics.
 
-        Value parameters get g_linear + combine(g_f, g_b) where combine is ``orthogonal_project``
-        (``"orthogonal"``), g_f (``"semi"``) or g_f + g_b (``"true"``); policy parameters get the
-        gradient of the weighted behaviour-cloning loss. Nothing is stepped.
+        The batch's actions are mapped to [-1, 1], then
+        :func:`~lightning_bpfree.odice.core.compute_odice_gradients` does the work with this module's
+        hyperparameters. Nothing is stepped.
         """
         hp = self.hparams
         batch = {**batch, "actions": (batch["actions"] - self.action_centre) / self.action_half_range}
-        losses = value_losses(
-            self.value,
-            self.target_value,
-            batch,
-            gradient=hp.gradient,
-            lam=hp.lam,
-            eta=hp.eta,
-            discount=hp.discount,
-            divergence=hp.divergence,
-        )
-        need_backward = hp.gradient != "semi" or hp.track_cosine
-        g_forward = self._value_grads(losses["forward"], retain_graph=True)
-        g_backward = self._value_grads(losses["backward"], retain_graph=True) if need_backward else None
-        if hp.gradient == "orthogonal":
-            combined = orthogonal_project(g_forward, g_backward, eta=1.0)  # eta is already inside g_backward
-        elif hp.gradient == "true":
-            combined = [f + b for f, b in zip(g_forward, g_backward)]
-        else:
-            combined = g_forward
-
-        weights = policy_weights(losses["residual"], hp.divergence, hp.max_weight)
-        policy_loss = -(weights * self.policy.log_prob(batch["observations"], batch["actions"])).mean()
-        for p in self.parameters():
-            p.grad = None
-        self._backward(losses["linear"] + policy_loss)
-        for p, g in zip(self.value.parameters(), combined):
-            p.grad = g if p.grad is None else p.grad + g
-
-        diagnostics = {
-            "value_loss": float((losses["linear"] + losses["forward"]).detach()),
-            "policy_loss": float(policy_loss.detach()),
-            "residual_mean": float(losses["residual"].mean()),
-            "weight_mean": float(weights.mean()),
-            "grad_forward_norm": float(torch.cat([g.reshape(-1) for g in g_forward]).norm()),
-        }
-        if g_backward is not None:
-            diagnostics["cos_forward_backward"] = gradient_cosine(g_forward, g_backward)
-            diagnostics["grad_backward_norm"] = float(torch.cat([g.reshape(-1) for g in g_backward]).norm())
-        return diagnostics
+        options = {name: hp[name] for name in _GRADIENT_OPTIONS}
+        # manual_backward routes through the strategy and precision plugin; outside a Trainer
+        # (unit tests, plain loops) the function's plain backward does the same job
+        backward = self.manual_backward if self._trainer is not None else None
+        return compute_odice_gradients(self.value, self.target_value, self.policy, batch, backward=backward, **options)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         optimizer = self.optimizers()

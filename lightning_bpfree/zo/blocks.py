@@ -9,11 +9,46 @@ goes to any ZO optimizer: ``ZOAdam(model.parameters(), blocks=find_blocks(model,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_bpfree.zo.parts import ZOPart
+
 LEVELS = ("layer", "module", "linear")
+
+
+class ParameterBlocks(ZOPart):
+    """Block-wise ZO as a part of the step (pass ``ZOOptimizer(..., blocks=...)``, which builds this).
+
+    Args:
+        blocks: a sequence of parameter lists, or a ``{name: parameters}`` mapping as
+            :func:`find_blocks` returns. Each step perturbs, estimates and updates one block after
+            the other; trainable parameters in no block are not trained.
+    """
+
+    def __init__(self, blocks: Any):
+        if isinstance(blocks, dict):
+            blocks = list(blocks.values())
+        if isinstance(blocks, torch.Tensor) or not isinstance(blocks, list | tuple):
+            raise TypeError(
+                f"blocks must be a list of parameter lists or a name -> parameters dict, got {type(blocks).__name__}"
+            )
+        self.blocks = [list(block) for block in blocks]
+        if not self.blocks or any(not block or not all(isinstance(p, torch.Tensor) for p in block) for block in self.blocks):
+            raise ValueError("blocks must be a non-empty list of non-empty lists of parameters")
+
+    def before_step(self, optimizer: Any, closure: Callable[[], Any]) -> None:
+        # checked at each step: parameter groups may be added after construction
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for number, block in enumerate(self.blocks):
+            if any(id(p) not in known for p in block):
+                raise ValueError(f"blocks[{number}] holds a tensor that is not among the optimizer's parameters")
+
+    def scopes(self) -> Sequence[Sequence[torch.Tensor]]:
+        return self.blocks
 
 
 def _repeated_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -23,7 +23,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, _check, make_optimizer
+from lightning_bpfree.validation import check_choice, check_nonnegative_float, check_positive_float
+from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, make_optimizer
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -56,10 +57,9 @@ class ZerothOrder(Callback):
         disable_dropout: bool = True,
         **options: Any,
     ):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        _check("lr", lr, 0.0, strict=False)
-        _check("eps", eps, 0.0, strict=True)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        lr = check_nonnegative_float("lr", lr)
+        eps = check_positive_float("eps", eps)
         if scheduler is not None and not callable(scheduler):
             raise TypeError(f"scheduler must be a callable fn(optimizer) -> scheduler, got {type(scheduler).__name__}")
         self.optimizer_name = optimizer

@@ -8,7 +8,7 @@ and value projections, through ``peft``) is the default scheme; ``--full`` train
 
 Prints held-out loss and perplexity before and after, seconds per step, and the peak memory of a
 ZO step next to plain inference and a first-order AdamW step on the same batch (each measured in
-its own subprocess); writes ``loss.png`` and ``demo.json``.
+its own subprocess); writes ``demo.png`` (the loss curves), ``demo.json`` and ``demo.md``.
 """
 
 from __future__ import annotations
@@ -23,20 +23,14 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bpfree.benchmarking import (
-    add_output_args,
-    format_table,
-    median_seconds,
-    mib,
-    new_figure,
-    peak_rss_bytes,
-    run_in_subprocess,
-    save_figure,
-    write_results,
-)
+from lightning_bpfree import benchmarking
+from lightning_bpfree.cli import command_name
 from lightning_bpfree.data import split_texts, stdlib_docstrings, token_blocks
+from lightning_bpfree.zo.bench import StepRecorder
 from lightning_bpfree.zo.callback import ZerothOrder
 from lightning_bpfree.zo.module import CausalLMModule
+
+NAME = command_name(__name__)
 
 LORA_TARGETS = ("q_proj", "v_proj")
 DEFAULTS = {  # lr and eps that converge within the demo's budget (measured; ZO is stable in a narrow lr band)
@@ -69,31 +63,6 @@ def corpus_blocks(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return token_blocks(tokenizer, train_texts, seq_len), token_blocks(tokenizer, held_out_texts, seq_len)
 
 
-class StepRecorder(pl.Callback):
-    """Records the wall-clock seconds and the loss of every training step, and the seconds of every
-    validation batch (``validation_seconds``)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.losses: list[float] = []
-        self.validation_seconds: list[float] = []
-        self._start = 0.0
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._start = time.perf_counter()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.validation_seconds.append(time.perf_counter() - self._start)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-        loss = trainer.callback_metrics.get("zo/loss", trainer.callback_metrics.get("train_loss"))
-        self.losses.append(float(loss) if loss is not None else float("nan"))
-
-
 def _trainer(max_steps: int, callbacks: list, **kwargs: Any) -> pl.Trainer:
     options = dict(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -116,7 +85,7 @@ def measure_step(mode: str, scheme: str, batch_size: int, seq_len: int, steps: i
     if mode == "inference":
         model.eval()
         with torch.no_grad():
-            seconds = median_seconds(lambda: model(input_ids=batch, labels=batch).loss, repeats=steps)
+            seconds = benchmarking.median_seconds(lambda: model(input_ids=batch, labels=batch).loss, repeats=steps)
         return {"seconds_per_step": seconds}
     recorder = StepRecorder()
     callbacks: list = [recorder]
@@ -131,8 +100,7 @@ def measure_step(mode: str, scheme: str, batch_size: int, seq_len: int, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bpfree demo", description=__doc__.split("\n\n")[0])
-    add_output_args(parser, "demo")
+    parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument("--full", action="store_true", help="full-parameter ZO instead of LoRA")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -145,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_every, args.eval_blocks = 6, 3, 8
+    threads = benchmarking.torch_threads(args.threads)
+    with benchmarking.using_threads(threads):
+        return _run(args, threads)
+
+
+def _run(args: argparse.Namespace, threads: int) -> int:
     scheme = "full" if args.full else "lora"
     lr = DEFAULTS[scheme]["lr"] if args.lr is None else args.lr
     eps = DEFAULTS[scheme]["eps"] if args.eps is None else args.eps
-
     pl.seed_everything(args.seed, verbose=False)
     print(f"Loading SmolLM2-135M-Instruct ({scheme}) and the standard-library documentation ...", flush=True)
     model = build_model(scheme)
@@ -172,57 +145,66 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(module, train_loader, val_loader)
     wall = time.perf_counter() - start
     after = trainer.validate(module, val_loader, verbose=False)[0]["val_loss"]
-    run_peak = peak_rss_bytes()
+    run_peak = benchmarking.peak_rss_bytes()
     curve = sorted(dict(module.val_history).items())  # the last fit evaluation and the final one coincide
 
     figures: dict[str, Any] = {
         "scheme": scheme, "steps": trainer.global_step, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "lr": lr, "eps": eps, "trainable_parameters": trainable,
+        "lr": lr, "eps": eps, "trainable_parameters": trainable, "threads": threads,
         "held_out_loss_before": before, "held_out_loss_after": after,
         "held_out_ppl_before": math.exp(before), "held_out_ppl_after": math.exp(after),
         "seconds_per_step": statistics.median_high(recorder.seconds), "train_seconds": wall,
-        "run_peak_rss_mib": mib(run_peak), "held_out_curve": curve, "train_losses": recorder.losses,
+        "run_peak_rss_mib": benchmarking.mib(run_peak), "held_out_curve": curve, "train_losses": recorder.losses,
     }  # fmt: skip
     rows = [
         {"": "held-out loss", "before": before, "after": after},
         {"": "held-out perplexity", "before": math.exp(before), "after": math.exp(after)},
     ]
-    print("\n" + format_table(rows))
-    print(f"\n{trainer.global_step} ZO steps in {wall:.0f} s ({figures['seconds_per_step']:.2f} s/step median, "
-          f"evaluations included in the total); peak RSS of this run {mib(run_peak):.0f} MiB")  # fmt: skip
-
-    table = ""
+    report = [
+        benchmarking.format_table(rows),
+        f"{trainer.global_step} ZO steps in {wall:.0f} s ({figures['seconds_per_step']:.2f} s/step median, "
+        f"evaluations included in the total); peak RSS of this run {benchmarking.mib(run_peak):.0f} MiB",
+    ]  # fmt: skip
     if not args.no_memory:
-        memory_rows = []
-        for label, mode, mem_scheme in [
-            ("no-grad inference", "inference", scheme),
-            (f"ZO-SGD step ({scheme})", "zo-sgd", scheme),
-            (f"AdamW step ({scheme})", "adamw", scheme),
-            ("AdamW step (full)", "adamw", "full"),
-        ]:
-            print(f"measuring {label} in a subprocess ...", flush=True)
-            result = run_in_subprocess(
-                "lightning_bpfree.zo.demo:measure_step", mode=mode, scheme=mem_scheme,
-                batch_size=args.batch_size, seq_len=args.seq_len,
-            )  # fmt: skip
-            memory_rows.append({
-                "configuration": label, "peak RSS (MiB)": mib(result["peak_rss_bytes"]),
-                "s/step": result["seconds_per_step"],
-            })  # fmt: skip
-        base = memory_rows[0]
-        for row in memory_rows:
-            row["x inference memory"] = row["peak RSS (MiB)"] / base["peak RSS (MiB)"]
-            row["x inference time"] = row["s/step"] / base["s/step"]
-        table = format_table(memory_rows)
-        print(f"\nSame batch ({args.batch_size} x {args.seq_len} tokens), each configuration in its own process:\n")
-        print(table)
-        figures["memory"] = memory_rows
+        figures["memory"] = memory_rows(scheme, args.batch_size, args.seq_len, threads)
+        report += [f"Same batch ({args.batch_size} x {args.seq_len} tokens), each configuration in its own process:",
+                   benchmarking.format_table(figures["memory"])]  # fmt: skip
+    benchmarking.finish(args.out, NAME, figures, "\n\n".join(report), lambda path: plot_losses(recorder.losses, curve, scheme, path))
+    return 0
 
-    fig, (ax,) = new_figure()
-    steps = list(range(1, len(recorder.losses) + 1))
-    ax.plot(steps, recorder.losses, alpha=0.35, label="train loss (ZO, per batch)")
+
+def memory_rows(scheme: str, batch_size: int, seq_len: int, threads: int) -> list[dict[str, Any]]:
+    """Peak RSS and seconds per step of inference, a ZO-SGD step and AdamW steps, each in its own process."""
+    rows = []
+    for label, mode, mem_scheme in [
+        ("no-grad inference", "inference", scheme),
+        (f"ZO-SGD step ({scheme})", "zo-sgd", scheme),
+        (f"AdamW step ({scheme})", "adamw", scheme),
+        ("AdamW step (full)", "adamw", "full"),
+    ]:
+        print(f"measuring {label} in a subprocess ...", flush=True)
+        result = benchmarking.run_in_subprocess(
+            f"{__name__}:measure_step", threads=threads, mode=mode, scheme=mem_scheme, batch_size=batch_size,
+            seq_len=seq_len,
+        )  # fmt: skip
+        rows.append({
+            "configuration": label, "peak RSS (MiB)": benchmarking.mib(result["peak_rss_bytes"]),
+            "s/step": result["seconds_per_step"],
+        })  # fmt: skip
+    base = rows[0]
+    for row in rows:
+        row["x inference memory"] = row["peak RSS (MiB)"] / base["peak RSS (MiB)"]
+        row["x inference time"] = row["s/step"] / base["s/step"]
+    return rows
+
+
+def plot_losses(losses: list[float], curve: list[tuple[int, float]], scheme: str, path) -> None:
+    """Train loss per batch (raw and smoothed) and the held-out ``curve`` of ``(step, loss)``, in nats/token."""
+    fig, (ax,) = benchmarking.new_figure()
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, losses, alpha=0.35, label="train loss (ZO, per batch)")
     window = max(1, len(steps) // 20)
-    smooth = [sum(recorder.losses[max(0, i - window + 1) : i + 1]) / len(recorder.losses[max(0, i - window + 1) : i + 1])
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
               for i in range(len(steps))]  # fmt: skip
     ax.plot(steps, smooth, label=f"train loss, mean of {window}")
     ax.plot(*zip(*curve), "o-", label="held-out loss")
@@ -230,7 +212,4 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"MeZO ({scheme}) on SmolLM2-135M-Instruct, stdlib docs")
     ax.legend()
-    save_figure(fig, args.out / "loss.png")
-    path = write_results(args.out, "demo", figures, table)
-    print(f"\nwrote {args.out / 'loss.png'} and {path}")
-    return 0
+    benchmarking.save_figure(fig, path)

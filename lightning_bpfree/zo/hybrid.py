@@ -15,15 +15,18 @@ step:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from lightning_bpfree.zo.optim import _as_float
+from lightning_bpfree.validation import check_nonnegative_float
+from lightning_bpfree.zo.optim import scalar_loss
+from lightning_bpfree.zo.parts import ZOPart
 
 
-class FirstOrderPart:
+class FirstOrderPart(ZOPart):
     """The parameters a hybrid ZO/FO step trains by backprop.
 
     Args:
@@ -42,6 +45,7 @@ class FirstOrderPart:
         optimizer: torch.optim.Optimizer | Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
         lr: float = 1e-3,
     ):
+        lr = check_nonnegative_float("lr", lr)
         self.params = [p for p in params]
         if not self.params or not all(isinstance(p, torch.Tensor) for p in self.params):
             raise ValueError("params must be a non-empty iterable of tensors")
@@ -73,8 +77,28 @@ class FirstOrderPart:
                 p.requires_grad_(flag)
         if self.grad_reducer is not None:
             self.grad_reducer([p.grad for p in self.params if p.grad is not None])
-        self.last_loss = _as_float(loss)
+        self.last_loss = scalar_loss(loss)
         return self.last_loss
+
+    state_key = "first_order"
+
+    def excluded(self) -> Sequence[torch.Tensor]:
+        return self.params
+
+    def before_step(self, optimizer: Any, closure: Callable[[], Any]) -> None:
+        # the ZO parameters of the whole step (no block active yet)
+        self.compute_gradients(closure, [p for _, p in optimizer.trainable_parameters()])
+
+    def after_step(self, optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
+        self.step()
+        # a skipped ZO step reports the loss the first-order pass measured at theta
+        return loss if math.isfinite(float(loss)) else torch.tensor(self.last_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
 
     def step(self) -> None:
         """The first-order optimizer's step; the gradients are then freed."""

@@ -12,6 +12,8 @@ import math
 import lightning.pytorch as pl
 import torch
 
+from lightning_bpfree.validation import check_nonnegative_float
+
 
 class CausalLMModule(pl.LightningModule):
     """Next-token fine-tuning of a causal LM on batches of token ids.
@@ -27,7 +29,7 @@ class CausalLMModule(pl.LightningModule):
     def __init__(self, model: torch.nn.Module, lr: float = 1e-4):
         super().__init__()
         self.model = model.train()  # loaders return eval-mode models; Lightning trains in the mode it finds
-        self.lr = lr
+        self.lr = check_nonnegative_float("lr", lr)
         self.val_history: list[tuple[int, float]] = []
         self._val_losses: list[torch.Tensor] = []
 

@@ -11,6 +11,9 @@ and updates ``theta`` along ``z`` (MeZO, arXiv 2305.17333). The closure is calle
 
 State for exact resume (``state_dict``): the base seed and the step counter. Each step's noise
 seed is a hash of the two, so a resumed run draws exactly the noise the uninterrupted run drew.
+
+Enhancements (blocks, sparsity, hybrid first-order) are :class:`~lightning_bpfree.zo.parts.ZOPart`
+objects whose hooks the base calls; the base itself only perturbs, estimates and updates.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_bpfree.zo.perturbation import SeededNoise, mix_seed
+from lightning_bpfree.validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_nonnegative_float,
+    check_optional,
+    check_positive_float,
+    check_positive_int,
+)
+from lightning_bpfree.zo.blocks import ParameterBlocks
+from lightning_bpfree.zo.parts import ZOPart
+from lightning_bpfree.zo.perturbation import SeededNoise, chunk_of, mix_seed
 
 # Keeping a copy of the trainable parameters makes restores bitwise exact; up to this many bytes of
 # trainable parameters (LoRA, prefix, head-only) the copy is kept by default.
@@ -47,30 +61,18 @@ class ZOEstimate:
         values = self.loss_plus + self.loss_minus
         return sum(values) / len(values) if values else float("nan")
 
-
-def _check(name: str, value: float, low: float, *, strict: bool) -> float:
-    value = float(value)
-    bad = not math.isfinite(value) or (value <= low if strict else value < low)
-    if bad:
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite number {relation} {low}, got {value}")
-    return value
-
-
-def _as_blocks(blocks: Any) -> list[list[torch.Tensor]] | None:
-    if blocks is None:
-        return None
-    if isinstance(blocks, dict):
-        blocks = list(blocks.values())
-    if isinstance(blocks, torch.Tensor) or not isinstance(blocks, list | tuple):
-        raise TypeError(f"blocks must be a list of parameter lists or a name -> parameters dict, got {type(blocks).__name__}")
-    out = [list(block) for block in blocks]
-    if not out or any(not block or not all(isinstance(p, torch.Tensor) for p in block) for block in out):
-        raise ValueError("blocks must be a non-empty list of non-empty lists of parameters")
-    return out
+    def record(self, loss_plus: float, loss_minus: float, projected_grad: float) -> bool:
+        """Append one query's figures; a NaN or infinite one marks the step skipped. Returns whether to go on."""
+        self.loss_plus.append(loss_plus)
+        self.loss_minus.append(loss_minus)
+        self.projected_grads.append(projected_grad)
+        if not all(math.isfinite(value) for value in (loss_plus, loss_minus, projected_grad)):
+            self.skipped = True
+        return not self.skipped
 
 
-def _as_float(loss: Any, name: str = "closure") -> float:
+def scalar_loss(loss: Any, name: str = "closure") -> float:
+    """The float value of what a closure returned (a one-element tensor or a number)."""
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"the {name} must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
@@ -78,6 +80,12 @@ def _as_float(loss: Any, name: str = "closure") -> float:
     if isinstance(loss, int | float):
         return float(loss)
     raise TypeError(f"the {name} must return a scalar tensor or a float, got {type(loss).__name__}")
+
+
+def _as_part(name: str, value: Any, expected: str) -> ZOPart | None:
+    if value is not None and not isinstance(value, ZOPart):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    return value
 
 
 class ZOOptimizer(Optimizer):
@@ -103,23 +111,32 @@ class ZOOptimizer(Optimizer):
             :class:`~lightning_bpfree.zo.perturbation.SeededNoise`).
         num_threads: CPU threads that draw the noise (default ``torch.get_num_threads()``).
         blocks: block-wise ZO: a sequence (or a name -> parameters mapping, see
-            :func:`~lightning_bpfree.zo.blocks.find_blocks`) of parameter blocks. Each step then
-            perturbs, estimates and updates one block after the other (``2 q`` forwards per block);
+            :func:`~lightning_bpfree.zo.blocks.find_blocks`) of parameter blocks, or a
+            :class:`~lightning_bpfree.zo.blocks.ParameterBlocks`. Each step then perturbs,
+            estimates and updates one block after the other (``2 q`` forwards per block);
             trainable parameters in no block are not trained.
         sparsity: a :class:`~lightning_bpfree.zo.sparsity.GradientSparsity` mask on the
             perturbation (masked entries are neither perturbed nor updated).
         first_order: hybrid ZO/FO: a :class:`~lightning_bpfree.zo.hybrid.FirstOrderPart` whose
             parameters are trained by backprop in the same step, and left out of the ZO estimate.
 
+    The three enhancements are :class:`~lightning_bpfree.zo.parts.ZOPart` objects, listed in ``parts``
+    (sparsity, first-order, blocks: the order their hooks run in).
+
     ``loss_reducer`` (attribute, default None): ``fn(values) -> values`` applied to the float64
     tensor of the losses each closure call returns; data-parallel training sets it to an
-    all-reduce mean (see :class:`~lightning_bpfree.zo.strategy.ZODataParallelStrategy`).
+    all-reduce mean (see :func:`~lightning_bpfree.zo.distributed.all_reduce_mean`).
     """
 
     combine_queries = False
     """When True, ``update`` calls ``update_chunk`` once per chunk with ``z`` the averaged estimate
     ``sum_q coeff_q z_q`` and ``coeff=1.0, query=0`` (for rules that need the whole estimate,
     e.g. momentum and Adam); otherwise once per query with that query's noise and coefficient."""
+
+    fuse_restore = True
+    """Let the last restore of a step share the update's pass over the noise, when possible."""
+
+    chunk_of = staticmethod(chunk_of)
 
     def __init__(
         self,
@@ -139,21 +156,18 @@ class ZOOptimizer(Optimizer):
         first_order: Any = None,
         **defaults: Any,
     ):
-        _check("lr", lr, 0.0, strict=False)
-        _check("eps", eps, 0.0, strict=True)
-        _check("weight_decay", weight_decay, 0.0, strict=False)
-        if not isinstance(num_queries, int) or num_queries < 1:
-            raise ValueError(f"num_queries must be an integer >= 1, got {num_queries!r}")
-        if exact_restore not in (None, True, False):
-            raise ValueError(f"exact_restore must be True, False or None (auto), got {exact_restore!r}")
+        lr = check_nonnegative_float("lr", lr)
+        eps = check_positive_float("eps", eps)
+        weight_decay = check_nonnegative_float("weight_decay", weight_decay)
+        self.num_queries = check_positive_int("num_queries", num_queries)
+        self.exact_restore = check_choice("exact_restore", exact_restore, (None, True, False))
+        seed = check_optional(check_int, "seed", seed)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **defaults))
         for group in self.param_groups:
-            _check("lr", group["lr"], 0.0, strict=False)
-            _check("eps", group["eps"], 0.0, strict=True)
+            check_nonnegative_float("lr", group["lr"])
+            check_positive_float("eps", group["eps"])
         self.noise = SeededNoise(perturbation, chunk_numel=chunk_numel, num_threads=num_threads)
         self.one_sided = bool(one_sided)
-        self.num_queries = num_queries
-        self.exact_restore = exact_restore
         self.zo_state: dict[str, int] = {
             "seed": int(torch.initial_seed() if seed is None else seed) & ((1 << 63) - 1),
             "step": 0,
@@ -161,17 +175,16 @@ class ZOOptimizer(Optimizer):
         }
         self.last_estimate = ZOEstimate()
         self._backup: dict[int, torch.Tensor] = {}
-        self.blocks = _as_blocks(blocks)
-        if sparsity is not None and not callable(getattr(sparsity, "chunk_mask", None)):
-            raise TypeError(f"sparsity must be a GradientSparsity, got {type(sparsity).__name__}")
-        if first_order is not None and not callable(getattr(first_order, "compute_gradients", None)):
-            raise TypeError(f"first_order must be a FirstOrderPart, got {type(first_order).__name__}")
-        self.sparsity = sparsity
-        self.first_order = first_order
+        self.blocks = blocks if blocks is None or isinstance(blocks, ParameterBlocks) else ParameterBlocks(blocks)
+        self.sparsity = _as_part("sparsity", sparsity, "a GradientSparsity")
+        self.first_order = _as_part("first_order", first_order, "a FirstOrderPart")
+        self.parts: list[ZOPart] = [part for part in (self.sparsity, self.first_order, self.blocks) if part is not None]
+        # ids of the parameters a part keeps for itself (first-order): never perturbed nor masked
+        self._excluded: set[int] = {id(p) for part in self.parts for p in part.excluded()}
+        # only the parts that mask, so that a dense step pays nothing per chunk
+        self._maskers = [part for part in self.parts if type(part).chunk_mask is not ZOPart.chunk_mask]
         self.loss_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._active: set[int] | None = None  # ids of the block being stepped
-        # ids of the first-order parameters: never perturbed, nor counted by sparsity masks
-        self._excluded: set[int] = {id(p) for p in first_order.params} if first_order is not None else set()
+        self._active: set[int] | None = None  # ids of the scope (block) being stepped
         self._query_offset = 0
         self._update_queries = 1
 
@@ -199,12 +212,17 @@ class ZOOptimizer(Optimizer):
         """The noise seed of query ``query`` at step ``step``."""
         return mix_seed(self.zo_state["seed"], step, query)
 
+    def _new_estimate(self) -> ZOEstimate:
+        """An empty estimate holding the seeds of this step's queries (offset per block)."""
+        step, offset = self.zo_state["step"], self._query_offset
+        return ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
+
     def for_each_chunk(
         self, seed: int, fn: Callable[[dict, int, int, torch.Tensor, torch.Tensor], None]
     ) -> None:
         """Call ``fn(group, param_index, start, values, z)`` on every chunk of every trainable parameter.
 
-        ``z`` is zero where the sparsity mask (if any) excludes the element.
+        ``z`` is zero where a part's mask (sparsity) excludes the element.
         """
         for group, params, indices in self._indexed_params():
             if params:
@@ -214,20 +232,22 @@ class ZOOptimizer(Optimizer):
                 )  # fmt: skip
 
     def _masked(self, index: int, start: int, values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if self.sparsity is None:
-            return z
-        mask = self.sparsity.chunk_mask(index, start, values)
-        return z if mask is None else z.mul_(mask)
+        for part in self._maskers:
+            mask = part.chunk_mask(index, start, values)
+            if mask is not None:
+                z = z.mul_(mask)
+        return z
 
     def trainable_parameters(self) -> list[tuple[int, torch.Tensor]]:
         """``(stable index, parameter)`` of every parameter the next estimate perturbs."""
         return [(i, p) for _, ps, idx in self._indexed_params() for p, i in zip(ps, idx)]
 
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """The float64 figures of one closure call, averaged over ranks when ``loss_reducer`` is set."""
+        return values if self.loss_reducer is None else self.loss_reducer(values)
+
     def _loss(self, closure: Callable[[], Any]) -> float:
-        loss = _as_float(closure())
-        if self.loss_reducer is None:
-            return loss
-        return float(self.loss_reducer(torch.tensor([loss], dtype=torch.float64))[0])
+        return float(self._reduce(torch.tensor([scalar_loss(closure())], dtype=torch.float64))[0])
 
     # ---------------------------------------------------------------------------- perturbation
     def _save_backup(self) -> None:
@@ -239,19 +259,26 @@ class ZOOptimizer(Optimizer):
                 else:
                     buffer.copy_(p.detach())
 
-    def _backup_chunk(self, index: int, start: int, values: torch.Tensor) -> torch.Tensor:
-        backup = self._backup[index]
-        return backup if values.dim() != 1 else backup.view(-1)[start : start + values.numel()]
+    def _keep_copy(self) -> bool:
+        """Save the copy of theta when exact restores are on; returns whether they are."""
+        use_backup = self._uses_backup()
+        if use_backup:
+            self._save_backup()
+        return use_backup
 
-    def perturb_(self, seed: int, scale_in_eps: float, from_backup: bool = False) -> None:
-        """``theta <- theta + scale_in_eps * eps * z`` (or ``backup + ...`` when ``from_backup``)."""
+    def _add_noise(self, seed: int, alpha: Callable[[dict], float], from_backup: bool = False) -> None:
+        """``theta <- theta + alpha(group) * z`` (``theta_0 + ...`` from the kept copy when ``from_backup``)."""
 
         def apply(group: dict, index: int, start: int, values: torch.Tensor, z: torch.Tensor) -> None:
             if from_backup:
-                values.copy_(self._backup_chunk(index, start, values))
-            values.add_(z, alpha=scale_in_eps * group["eps"])
+                values.copy_(chunk_of(self._backup[index], start, values))
+            values.add_(z, alpha=alpha(group))
 
         self.for_each_chunk(seed, apply)
+
+    def perturb_(self, seed: int, scale_in_eps: float, from_backup: bool = False) -> None:
+        """``theta <- theta + scale_in_eps * eps * z`` (or ``backup + ...`` when ``from_backup``)."""
+        self._add_noise(seed, lambda group: scale_in_eps * group["eps"], from_backup)
 
     def restore_(self, seed: int, current_scale_in_eps: float, use_backup: bool) -> None:
         """Undo a perturbation of ``current_scale_in_eps * eps * z``."""
@@ -266,16 +293,16 @@ class ZOOptimizer(Optimizer):
     def estimate(self, closure: Callable[[], Any], use_backup: bool, leave_perturbed: bool = False) -> ZOEstimate:
         """Evaluate the closure at perturbed parameters and form the projected gradients.
 
-        The parameters are restored after every query, except, when ``leave_perturbed`` (two-sided,
-        one query, arithmetic restore), after the last one: they stay at ``theta - eps z`` and
-        ``estimate.pending_scale`` is ``-1.0``, so that the restore can share the update's pass
-        over the noise.
+        The parameters are restored after every query, except, when ``leave_perturbed`` and the
+        restore is arithmetic of one two-sided query, after the last one: they stay at
+        ``theta - eps z`` and ``estimate.pending_scale`` is ``-1.0``, so that ``update`` undoes it in
+        its own pass over the noise. A skipped estimate is always left restored.
         """
-        step, offset = self.zo_state["step"], self._query_offset
-        est = ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
+        est = self._new_estimate()
         loss_at_theta = self._loss(closure) if self.one_sided else None
         eps = self.param_groups[0]["eps"]
-        for query, seed in enumerate(est.seeds):
+        fuse = leave_perturbed and not use_backup and not self.one_sided and self.num_queries == 1
+        for seed in est.seeds:
             self.perturb_(seed, +1.0)
             loss_plus = self._loss(closure)
             if self.one_sided:
@@ -287,67 +314,73 @@ class ZOOptimizer(Optimizer):
                 else:
                     self.perturb_(seed, -2.0)
                 loss_minus, denominator = self._loss(closure), 2.0
-                if leave_perturbed and query == len(est.seeds) - 1:
+                if fuse:  # one query: this is the last
                     est.pending_scale = -1.0
                 else:
                     self.restore_(seed, -1.0, use_backup)
-            est.loss_plus.append(loss_plus)
-            est.loss_minus.append(loss_minus)
-            est.projected_grads.append((loss_plus - loss_minus) / (denominator * eps))
-            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-                est.skipped = True
+            if not est.record(loss_plus, loss_minus, (loss_plus - loss_minus) / (denominator * eps)):
                 break
+        if est.skipped and est.pending_scale:
+            self.restore_(est.seeds[-1], est.pending_scale, use_backup)
+            est.pending_scale = 0.0
         return est
+
+    @staticmethod
+    def _decay(group: dict, values: torch.Tensor) -> None:
+        """Decoupled weight decay ``theta <- theta * (1 - lr * wd)``, applied once per step."""
+        if group["weight_decay"]:
+            values.mul_(1.0 - group["lr"] * group["weight_decay"])
 
     def update_chunk(
         self, group: dict, index: int, start: int, values: torch.Tensor, z: torch.Tensor, coeff: float, query: int
     ) -> None:
-        """The update rule on one chunk: ``values -= lr * (coeff * z + wd * values)`` (ZO-SGD).
+        """The update rule on one chunk: ``values -= lr * coeff * z`` (ZO-SGD).
 
         ``coeff`` is the query's projected gradient divided by the number of queries; ``query`` its
-        position (weight decay is applied once, with the first). Subclasses with other rules
-        (momentum, Adam, sign) override this; their state is indexed by ``(index, start)``.
+        position. Weight decay is applied by the base before the first query's rule. Subclasses with
+        other rules (momentum, Adam, sign) override this; their state is indexed by ``(index, start)``.
         """
-        if query == 0 and group["weight_decay"]:
-            values.mul_(1.0 - group["lr"] * group["weight_decay"])
         values.add_(z, alpha=-group["lr"] * coeff)
+
+    def _update_chunk(
+        self, group: dict, index: int, start: int, values: torch.Tensor, z: torch.Tensor, coeff: float, query: int,
+        pending: float, pending_z: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """One chunk of ``update``: undo the pending perturbation (noise ``pending_z``), decay, then the rule."""
+        if pending:
+            values.add_(pending_z, alpha=-pending * group["eps"])
+        if query == 0:
+            self._decay(group, values)
+        self.update_chunk(group, index, start, values, z, coeff, query)
 
     def update(self, estimate: ZOEstimate) -> None:
         """Apply ``update_chunk`` for every query, first undoing ``estimate.pending_scale`` in the same pass."""
-        self._update_queries = len(estimate.seeds)
+        count = self._update_queries = len(estimate.seeds)
         self.prepare_update()
+        coeffs = [grad / count for grad in estimate.projected_grads]
+        pending = estimate.pending_scale
         if self.combine_queries:
-            self._update_combined(estimate)
-            return
-        last = len(estimate.seeds) - 1
-        for query, (seed, grad) in enumerate(zip(estimate.seeds, estimate.projected_grads)):
-            coeff = grad / len(estimate.seeds)
-            pending = estimate.pending_scale if query == last else 0.0
+            for group, params, indices in self._indexed_params():
+                if not params:
+                    continue
 
-            def apply(group, index, start, values, z, q=query, c=coeff, pending=pending) -> None:
-                if pending:
-                    values.add_(z, alpha=-pending * group["eps"])
-                self.update_chunk(group, index, start, values, z, c, q)
+                def combined_apply(index, start, values, combined, last_z, group=group) -> None:
+                    combined = self._masked(index, start, values, combined)
+                    pending_z = self._masked(index, start, values, last_z) if pending else None
+                    self._update_chunk(group, index, start, values, combined, 1.0, 0, pending, pending_z)
+
+                self.noise.for_each_chunk_combined(params, estimate.seeds, coeffs, combined_apply, param_indices=indices)
+            return
+        for query, (seed, coeff) in enumerate(zip(estimate.seeds, coeffs)):
+            undo = pending if query == count - 1 else 0.0
+
+            def apply(group, index, start, values, z, q=query, c=coeff, undo=undo) -> None:
+                self._update_chunk(group, index, start, values, z, c, q, undo, z)
 
             self.for_each_chunk(seed, apply)
 
     def prepare_update(self) -> None:
         """Hook run on the main thread before each update pass (create per-parameter state here)."""
-
-    def _update_combined(self, estimate: ZOEstimate) -> None:
-        coeffs = [grad / len(estimate.seeds) for grad in estimate.projected_grads]
-        pending = estimate.pending_scale
-        for group, params, indices in self._indexed_params():
-            if not params:
-                continue
-
-            def apply(index, start, values, combined, last_z, group=group) -> None:
-                combined = self._masked(index, start, values, combined)
-                if pending:
-                    values.add_(self._masked(index, start, values, last_z), alpha=-pending * group["eps"])
-                self.update_chunk(group, index, start, values, combined, 1.0, 0)
-
-            self.noise.for_each_chunk_combined(params, estimate.seeds, coeffs, apply, param_indices=indices)
 
     def state_of(self, index: int, name: str) -> torch.Tensor:
         """The per-parameter buffer ``name`` of parameter ``index`` (zeros, created by ``prepare_update``)."""
@@ -367,15 +400,10 @@ class ZOOptimizer(Optimizer):
         out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
 
         def copy(i: int, start: int, values: torch.Tensor, z: torch.Tensor) -> None:
-            self.chunk_of(out, start, values).copy_(self._masked(i, start, values, z))
+            chunk_of(out, start, values).copy_(self._masked(i, start, values, z))
 
         self.noise.for_each_chunk([param], seed, copy, param_indices=[index])
         return out
-
-    @staticmethod
-    def chunk_of(buffer: torch.Tensor, start: int, values: torch.Tensor) -> torch.Tensor:
-        """The part of a per-parameter ``buffer`` that matches the chunk ``values`` starting at ``start``."""
-        return buffer if values.dim() != 1 else buffer.view(-1)[start : start + values.numel()]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
@@ -383,59 +411,35 @@ class ZOOptimizer(Optimizer):
 
         A NaN or infinite loss skips the update: the parameters are restored (bitwise when a copy
         is kept, see ``exact_restore``) and ``zo_state["skipped_steps"]`` is incremented.
-        With ``blocks``, one such estimate and update per block; with ``sparsity``, the masks are
-        resampled first when due; with ``first_order``, its gradients are computed at theta first
-        and its optimizer steps last.
+        The parts' hooks run around it (see :mod:`lightning_bpfree.zo.parts`): with ``blocks``,
+        one such estimate and update per block; with ``sparsity``, the masks are resampled first
+        when due; with ``first_order``, its gradients are computed at theta first and its
+        optimizer steps last.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
-        if self.sparsity is not None:
-            self.sparsity.refresh(self)
-        fo_loss = None
-        if self.first_order is not None:
-            zo_params = [p for _, p in self.trainable_parameters()]
-            fo_loss = self.first_order.compute_gradients(closure, zo_params)
-        if self.blocks is None:
-            loss = self.step_once(closure)
-        else:
-            losses = []
-            self._check_blocks()
-            try:
-                for number, block in enumerate(self.blocks):
-                    self._active = {id(p) for p in block}
-                    self._query_offset = number * self.num_queries
-                    losses.append(float(self.step_once(closure, advance=number == len(self.blocks) - 1)))
-            finally:
-                self._active, self._query_offset = None, 0
-            loss = torch.tensor(losses[0])
-        if self.first_order is not None:
-            self.first_order.step()
-            if not math.isfinite(float(loss)):
-                loss = torch.tensor(fo_loss)
+        for part in self.parts:
+            part.before_step(self, closure)
+        scopes = next((scopes for part in self.parts if (scopes := part.scopes()) is not None), [None])
+        losses = []
+        try:
+            for number, scope in enumerate(scopes):
+                self._active = None if scope is None else {id(p) for p in scope}
+                self._query_offset = number * self.num_queries
+                losses.append(self.step_once(closure, advance=number == len(scopes) - 1))
+        finally:
+            self._active, self._query_offset = None, 0
+        loss = losses[0]
+        for part in self.parts:
+            loss = part.after_step(self, loss)
         return loss
-
-    def _check_blocks(self) -> None:
-        known = {id(p) for group in self.param_groups for p in group["params"]}
-        for number, block in enumerate(self.blocks):
-            if any(id(p) not in known for p in block):
-                raise ValueError(f"blocks[{number}] holds a tensor that is not among the optimizer's parameters")
 
     def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
         """Estimate and update the currently active parameters once; ``advance`` the step counter."""
-        use_backup = self._uses_backup()
-        if use_backup:
-            self._save_backup()
-        fuse = not use_backup and not self.one_sided and self.num_queries == 1
-        estimate = self.estimate(closure, use_backup, leave_perturbed=fuse)
-        if estimate.skipped:
-            if estimate.pending_scale:
-                self.restore_(estimate.seeds[-1], estimate.pending_scale, use_backup)
-        else:
-            self.update(estimate)
-        return self._finish_step(estimate, advance)
-
-    def _finish_step(self, estimate: ZOEstimate, advance: bool) -> torch.Tensor:
-        """Bookkeeping shared by every ``step_once``: skip count, step counter, last estimate."""
+        use_backup = self._keep_copy()
+        estimate = self.estimate(closure, use_backup, leave_perturbed=self.fuse_restore)
+        if not estimate.skipped:
+            self.apply_estimate(estimate, closure, use_backup)
         if estimate.skipped:
             self.zo_state["skipped_steps"] += 1
         if advance:
@@ -443,23 +447,28 @@ class ZOOptimizer(Optimizer):
         self.last_estimate = estimate
         return torch.tensor(estimate.loss)
 
+    def apply_estimate(self, estimate: ZOEstimate, closure: Callable[[], Any], use_backup: bool) -> None:
+        """Move theta from a finite estimate (``update``; ZO-SGD-Cons also compares candidates)."""
+        self.update(estimate)
+
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["zo_state"] = dict(self.zo_state)
-        if self.first_order is not None:
-            state["first_order"] = self.first_order.optimizer.state_dict()
+        for part in self.parts:
+            if part.state_key is not None:
+                state[part.state_key] = part.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        zo_state = state_dict.pop("zo_state", None)
-        first_order = state_dict.pop("first_order", None)
-        if first_order is not None and self.first_order is not None:
-            self.first_order.optimizer.load_state_dict(first_order)
-        super().load_state_dict(state_dict)
-        if zo_state is not None:
-            self.zo_state.update({k: int(v) for k, v in zo_state.items()})
+        # torch's Optimizer reads "state" and "param_groups"; the other keys are ours
+        own = {key: value for key, value in state_dict.items() if key not in ("state", "param_groups")}
+        for part in self.parts:
+            if part.state_key is not None and own.get(part.state_key) is not None:
+                part.load_state_dict(own[part.state_key])
+        super().load_state_dict({key: state_dict[key] for key in ("state", "param_groups") if key in state_dict})
+        if own.get("zo_state") is not None:
+            self.zo_state.update({k: int(v) for k, v in own["zo_state"].items()})
 
 
 class ZOSGD(ZOOptimizer):
@@ -485,14 +494,10 @@ class ZOSGDSign(ZOOptimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-6, sign_mode: str = "elementwise", **options: Any):
-        if sign_mode not in SIGN_MODES:
-            raise ValueError(f"sign_mode must be one of {SIGN_MODES}, got {sign_mode!r}")
+        self.sign_mode = check_choice("sign_mode", sign_mode, SIGN_MODES)
         super().__init__(params, lr=lr, **options)
-        self.sign_mode = sign_mode
 
     def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
-        if query == 0 and group["weight_decay"]:
-            values.mul_(1.0 - group["lr"] * group["weight_decay"])
         direction = torch.sign(z) if self.sign_mode == "elementwise" else z
         sign = (coeff > 0) - (coeff < 0)
         values.add_(direction, alpha=-group["lr"] * sign / self._update_queries)
@@ -508,9 +513,7 @@ class ZOSGDMomentum(ZOOptimizer):
     combine_queries = True
 
     def __init__(self, params: Iterable, lr: float = 1e-6, momentum: float = 0.9, **options: Any):
-        _check("momentum", momentum, 0.0, strict=False)
-        if momentum >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        momentum = check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
         super().__init__(params, lr=lr, momentum=momentum, **options)
 
     def prepare_update(self) -> None:
@@ -519,8 +522,6 @@ class ZOSGDMomentum(ZOOptimizer):
     def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
         buffer = self.chunk_of(self.state_of(index, "momentum_buffer"), start, values)
         buffer.mul_(group["momentum"]).add_(z)
-        if group["weight_decay"]:
-            values.mul_(1.0 - group["lr"] * group["weight_decay"])
         values.add_(buffer, alpha=-group["lr"])
 
 
@@ -543,10 +544,11 @@ class ZOAdam(ZOOptimizer):
         adam_eps: float = 1e-8,
         **options: Any,
     ):
-        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        _check("adam_eps", adam_eps, 0.0, strict=True)
-        super().__init__(params, lr=lr, betas=tuple(float(b) for b in betas), adam_eps=adam_eps, **options)
+        betas = tuple(check_float(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas))
+        adam_eps = check_positive_float("adam_eps", adam_eps)
+        super().__init__(params, lr=lr, betas=betas, adam_eps=adam_eps, **options)
 
     def prepare_update(self) -> None:
         self._init_buffers("exp_avg", "exp_avg_sq")
@@ -559,8 +561,6 @@ class ZOAdam(ZOOptimizer):
         step = self.state[self._param_at[index]]["step"]
         exp_avg = self.chunk_of(self.state_of(index, "exp_avg"), start, values)
         exp_avg_sq = self.chunk_of(self.state_of(index, "exp_avg_sq"), start, values)
-        if group["weight_decay"]:
-            values.mul_(1.0 - lr * group["weight_decay"])
         exp_avg.lerp_(z.to(exp_avg.dtype), 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(z, z, value=1.0 - beta2)
         bias_correction1 = 1.0 - beta1**step
@@ -579,42 +579,30 @@ class ZOSGDConservative(ZOOptimizer):
     """
 
     last_choice = 0
+    fuse_restore = False  # the candidates are evaluated after the estimate: theta must be restored
 
     def _move(self, estimate: ZOEstimate, direction: float, use_backup: bool) -> None:
         """Move theta by ``-direction * lr * g`` (from the kept copy ``theta_0`` when ``use_backup``)."""
         count = len(estimate.seeds)
         for query, (seed, grad) in enumerate(zip(estimate.seeds, estimate.projected_grads)):
-            from_backup = use_backup and query == 0
+            c = grad / count
+            self._add_noise(seed, lambda group, c=c: -direction * group["lr"] * c, from_backup=use_backup and query == 0)
 
-            def apply(group, index, start, values, z, c=grad / count, from_backup=from_backup) -> None:
-                if from_backup:
-                    values.copy_(self._backup_chunk(index, start, values))
-                values.add_(z, alpha=-direction * group["lr"] * c)
-
-            self.for_each_chunk(seed, apply)
-
-    def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
-        use_backup = self._uses_backup()
-        if use_backup:
-            self._save_backup()
-        estimate = self.estimate(closure, use_backup)
-        if not estimate.skipped:
-            losses = {0: self._loss(closure)}
-            position = 0  # in units of the SGD step, relative to theta
-            for candidate in (+1, -1):  # theta - lr g z (the ZO-SGD step), then theta + lr g z
-                self._move(estimate, (candidate - position) if not use_backup else candidate, use_backup)
-                position = candidate
-                losses[candidate] = self._loss(closure)
-            finite = {k: v for k, v in losses.items() if math.isfinite(v)}
-            choice = min(finite, key=lambda k: (finite[k], abs(k))) if finite else 0
-            if choice != position:
-                self._move(estimate, (choice - position) if not use_backup else choice, use_backup)
-            self.last_choice = choice
-            if any(group["weight_decay"] for group, _, _ in self._indexed_params()):
-                for group, params, _ in self._indexed_params():
-                    for p in params:
-                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        return self._finish_step(estimate, advance)
+    def apply_estimate(self, estimate: ZOEstimate, closure: Callable[[], Any], use_backup: bool) -> None:
+        losses = {0: self._loss(closure)}
+        position = 0  # in units of the SGD step, relative to theta
+        for candidate in (+1, -1):  # theta - lr g z (the ZO-SGD step), then theta + lr g z
+            self._move(estimate, (candidate - position) if not use_backup else candidate, use_backup)
+            position = candidate
+            losses[candidate] = self._loss(closure)
+        finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+        choice = min(finite, key=lambda k: (finite[k], abs(k))) if finite else 0
+        if choice != position:
+            self._move(estimate, (choice - position) if not use_backup else choice, use_backup)
+        self.last_choice = choice
+        for group, params, _ in self._indexed_params():
+            for p in params:
+                self._decay(group, p)
 
 
 class ForwardGradient(ZOOptimizer):
@@ -650,24 +638,21 @@ class ForwardGradient(ZOOptimizer):
                 [float(primal.detach().float()), 0.0 if tangent is None else float(tangent.float())],
                 dtype=torch.float64,
             )  # fmt: skip
-        if self.loss_reducer is not None:
-            values = self.loss_reducer(values)
+        values = self._reduce(values)
         return float(values[0]), float(values[1])
 
-    def step_once(self, closure: Callable[[], Any], advance: bool = True) -> torch.Tensor:
-        step, offset = self.zo_state["step"], self._query_offset
-        estimate = ZOEstimate(seeds=[self.query_seed(step, offset + q) for q in range(self.num_queries)])
+    def _uses_backup(self) -> bool:
+        return False  # the parameters are never moved to evaluate the loss: nothing to restore
+
+    def estimate(self, closure: Callable[[], Any], use_backup: bool = False, leave_perturbed: bool = False) -> ZOEstimate:
+        """One forward per query: the loss at theta and its directional derivative along the query's tangent."""
+        estimate = self._new_estimate()
         for seed in estimate.seeds:
             loss, derivative = self.directional_derivative(closure, seed)
-            estimate.loss_plus.append(loss)  # both at theta: forward-grad evaluates no perturbed point
-            estimate.loss_minus.append(loss)
-            estimate.projected_grads.append(derivative)
-            if not (math.isfinite(loss) and math.isfinite(derivative)):
-                estimate.skipped = True
+            # both at theta: forward-grad evaluates no perturbed point
+            if not estimate.record(loss, loss, derivative):
                 break
-        if not estimate.skipped:
-            self.update(estimate)
-        return self._finish_step(estimate, advance)
+        return estimate
 
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
@@ -682,6 +667,4 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 
 def make_optimizer(name: str, params: Iterable, **options: Any) -> ZOOptimizer:
     """Build the ZO optimizer registered as ``name`` (see ``OPTIMIZERS``)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    return OPTIMIZERS[name](params, **options)
+    return OPTIMIZERS[check_choice("optimizer", name, OPTIMIZERS)](params, **options)

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_bpfree.validation import check_choice
+
 SCHEMES = ("full", "lora", "prefix", "prompt", "head")
 
 
@@ -45,16 +47,13 @@ def apply_scheme(model: nn.Module, scheme: str, task_type: str = "CAUSAL_LM", **
     Returns:
         the model to train (a ``peft.PeftModel`` for lora / prefix / prompt, else ``model``).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    check_choice("scheme", scheme, SCHEMES)
+    if scheme in ("full", "head") and options:  # no peft config to pass them to
+        raise ValueError(f"scheme={scheme!r} takes no options, got {sorted(options)}")
     if scheme == "full":
-        if options:
-            raise ValueError(f"scheme='full' takes no options, got {sorted(options)}")
         model.requires_grad_(True)
         return model
     if scheme == "head":
-        if options:
-            raise ValueError(f"scheme='head' takes no options, got {sorted(options)}")
         head = output_head(model)
         model.requires_grad_(False)
         _untie(model, head)

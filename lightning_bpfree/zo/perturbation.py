@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from lightning_bpfree.validation import check_choice, check_int, check_optional, check_positive_int
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
 _MIN_PARALLEL_NUMEL = 1 << 18
@@ -47,6 +49,15 @@ ChunkFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 ``z`` the float32 noise for exactly those elements, same shape."""
 
 
+def chunk_of(buffer: torch.Tensor, start: int, values: torch.Tensor) -> torch.Tensor:
+    """The part of a per-parameter ``buffer`` (shaped like the parameter) matching the chunk ``values``.
+
+    ``values`` is a chunk as :data:`ChunkFn` receives it: a flat slice starting at element ``start``,
+    or the whole unflattened tensor (a non-contiguous parameter), whose match is ``buffer`` itself.
+    """
+    return buffer if values.dim() != 1 else buffer.view(-1)[start : start + values.numel()]
+
+
 class SeededNoise:
     """Regenerable noise for a list of parameters.
 
@@ -62,13 +73,10 @@ class SeededNoise:
     """
 
     def __init__(self, distribution: str = "gaussian", chunk_numel: int | None = None, num_threads: int | None = None):
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"perturbation must be one of {DISTRIBUTIONS}, got {distribution!r}")
-        if chunk_numel is not None and chunk_numel < 1:
-            raise ValueError(f"chunk_numel must be >= 1 or None, got {chunk_numel}")
-        self.distribution = distribution
-        self.chunk_numel = None if chunk_numel is None else int(chunk_numel)
-        self.num_threads = num_threads
+        # the optimizers pass their ``perturbation`` option here: the message names it
+        self.distribution = check_choice("perturbation", distribution, DISTRIBUTIONS)
+        self.chunk_numel = check_optional(check_positive_int, "chunk_numel", chunk_numel)
+        self.num_threads = check_optional(check_int, "num_threads", num_threads, low=0)  # 0: torch's count
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
 

@@ -19,12 +19,14 @@ Masks are stored as one ``bool`` per element (a quarter of fp32 weights).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from lightning_bpfree.zo.perturbation import mix_seed
+from lightning_bpfree.validation import check_choice, check_int, check_positive_int, check_probability
+from lightning_bpfree.zo.parts import ZOPart
+from lightning_bpfree.zo.perturbation import chunk_of, mix_seed
 
 SPARSITY_METHODS = ("random", "magnitude")
 SPARSITY_GROUPS = ("layer", "global")
@@ -32,7 +34,7 @@ _MASK_STREAM = 0x5A5A  # keeps mask seeds apart from perturbation seeds
 _COUNT_KEY = "sparsity_masked.{}"  # zo_state key: masked entries of one parameter (global random)
 
 
-class GradientSparsity:
+class GradientSparsity(ZOPart):
     """A mask on the ZO perturbation (pass as ``ZOOptimizer(..., sparsity=...)``).
 
     Args:
@@ -75,26 +77,20 @@ class GradientSparsity:
         min_numel: int = 1,
         group: str = "layer",
     ):
-        fraction = float(fraction)
-        if not (math.isfinite(fraction) and 0.0 <= fraction < 1.0):
-            raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-        if method not in SPARSITY_METHODS:
-            raise ValueError(f"method must be one of {SPARSITY_METHODS}, got {method!r}")
-        if not isinstance(resample_every, int) or resample_every < 1:
-            raise ValueError(f"resample_every must be an integer >= 1, got {resample_every!r}")
-        if group not in SPARSITY_GROUPS:
-            raise ValueError(f"group must be one of {SPARSITY_GROUPS}, got {group!r}")
-        self.fraction = fraction
-        self.method = method
-        self.resample_every = resample_every
-        self.min_numel = int(min_numel)
-        self.group = group
+        self.fraction = check_probability("fraction", fraction, include_one=False)
+        self.method = check_choice("method", method, SPARSITY_METHODS)
+        self.resample_every = check_positive_int("resample_every", resample_every)
+        self.min_numel = check_int("min_numel", min_numel)
+        self.group = check_choice("group", group, SPARSITY_GROUPS)
         self.masks: dict[int, torch.Tensor] = {}  # parameter index -> bool mask (True = perturbed)
         self.counts: dict[int, int] = {}  # global mode: parameter index -> masked entries
         self._drawn_at: int | None = None
         self._drawn_for: set[int] = set()  # parameter indices the current draw covers
 
-    def refresh(self, optimizer) -> None:
+    def before_step(self, optimizer: Any, closure: Callable[[], Any]) -> None:
+        self.refresh(optimizer)
+
+    def refresh(self, optimizer: Any) -> None:
         """Draw the masks for the optimizer's trainable parameters when due (every ``resample_every`` steps)."""
         step = optimizer.zo_state["step"]
         period = step // self.resample_every
@@ -156,9 +152,7 @@ class GradientSparsity:
     def chunk_mask(self, index: int, start: int, values: torch.Tensor) -> torch.Tensor | None:
         """The mask entries matching the chunk ``values`` of parameter ``index`` (None: dense)."""
         mask = self.masks.get(index)
-        if mask is None:
-            return None
-        return mask if values.dim() != 1 else mask.view(-1)[start : start + values.numel()]
+        return None if mask is None else chunk_of(mask, start, values)
 
     def measured_fraction(self) -> float:
         """The fraction of masked-out entries over all masked tensors."""

@@ -10,38 +10,16 @@ identical without ever being sent: the traffic per step is a few floats whatever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
+from lightning_bpfree.zo.distributed import all_reduce_grads_mean, all_reduce_mean
 from lightning_bpfree.zo.optim import ZOOptimizer
 
-
-def all_reduce_mean(values: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """The mean over ranks of a small float tensor (one collective call; returned on the CPU, float64).
-
-    ``device`` is where the collective runs (a CUDA device for nccl); the default is the CPU (gloo).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    buffer = values.detach().to(device=device or torch.device("cpu"), dtype=torch.float64).clone()
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return (buffer / dist.get_world_size()).cpu()
-
-
-def all_reduce_grads_mean(grads: Sequence[torch.Tensor]) -> None:
-    """Average gradients across ranks in place (for the first-order part of a hybrid ZO/FO step)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size()
-    for grad in grads:
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        grad.div_(world)
+__all__ = ["ZODataParallelStrategy", "all_reduce_grads_mean", "all_reduce_mean"]  # the reducers live in distributed.py
 
 
 class ZODataParallelStrategy(DDPStrategy):
