@@ -2,6 +2,8 @@
 
 Run: ``python examples/zo_bench_ddp.py``. Each rank trains on half of every batch; the loss
 scalars are all-reduced, so the ranks end with bitwise identical weights (checked at the end).
+``strategy="ddp"`` (Lightning's own DDPStrategy) gives the same weights: the ``ZerothOrder``
+callback detects it and shares the seed and averages the losses itself.
 """
 
 import lightning.pytorch as pl

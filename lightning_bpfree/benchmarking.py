@@ -22,6 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lightning_bpfree.validation import (
+    check_float,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
+
 _CHILD = r"""
 import importlib, json, sys
 spec = json.loads(sys.argv[1])
@@ -149,11 +158,72 @@ def mib(num_bytes: float) -> float:
     return num_bytes / 2**20
 
 
+def _option_type(parse: Callable[[str], Any], check: Callable[[str, Any], Any], kind: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``parse`` the text, then ``check`` it with the library's own validation.
+
+    argparse turns the ``ArgumentTypeError`` into its usage error (exit status 2) naming the option,
+    e.g. ``argument --steps: must be an int >= 1, got -1``.
+    """
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return check("value", value)
+        except (TypeError, ValueError) as error:  # the message starts with the name given: drop it
+            raise argparse.ArgumentTypeError(str(error).removeprefix("value ")) from None
+
+    convert.__name__ = kind  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _option_type(int, check_positive_int, "a positive int")
+"""argparse ``type=`` for counts, sizes and steps: an int >= 1 (``0`` and ``-1`` are usage errors)."""
+
+nonnegative_int = _option_type(int, lambda name, value: check_int(name, value, low=0), "a non-negative int")
+"""argparse ``type=`` for an int >= 0."""
+
+positive_float = _option_type(float, check_positive_float, "a positive number")
+"""argparse ``type=`` for learning rates, step sizes and time limits: finite and > 0 (NaN, inf refused)."""
+
+nonnegative_float = _option_type(float, check_nonnegative_float, "a non-negative number")
+"""argparse ``type=`` for weights and penalties: finite and >= 0."""
+
+seed_int = _option_type(int, check_seed, "an int seed")
+"""argparse ``type=`` for ``--seed``: an int in ``[0, 2**63)``."""
+
+
+def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """argparse ``type=`` for a finite number in ``[low, high]`` (``low_open``/``high_open`` exclude an end)."""
+
+    def check(name: str, value: float) -> float:
+        return check_float(name, value, low=low, high=high, low_open=low_open, high_open=high_open)
+
+    return _option_type(float, check, "a number")
+
+
+def torch_device(text: str) -> str:
+    """argparse ``type=`` for a device option: ``text`` when torch parses it as a device and, for
+    ``cuda``, CUDA is available (kept a string, as benchmarks pass it on to subprocesses as JSON)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's error for an unknown device string
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here")
+    return text
+
+
 def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
     """The options every benchmark shares: ``--out`` folder, ``--quick`` CI-sized run, ``--seed``."""
     parser.add_argument("--out", type=Path, default=Path("bpfree-results") / name, help="output folder")
     parser.add_argument("--quick", action="store_true", help="a small, fast configuration (for CI)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="random seed of data order, initialisation and perturbations (default 0)")  # fmt: skip
 
 
 def bench_parser(name: str, doc: str | None, *, threads_default: str = "all cores") -> argparse.ArgumentParser:
@@ -165,7 +235,7 @@ def bench_parser(name: str, doc: str | None, *, threads_default: str = "all core
     """
     parser = argparse.ArgumentParser(prog=f"bpfree {name}", description=(doc or "").split("\n\n")[0])
     add_output_args(parser, name)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"torch threads (default: BPFREE_THREADS, else {threads_default})")  # fmt: skip
     return parser
 

@@ -51,17 +51,26 @@ def command_name(module: str) -> str:
 
 
 def _usage() -> str:
-    lines = ["usage: bpfree <command> [options]", "", "commands:"]
+    lines = ["usage: bpfree <command> [options]", "       bpfree --version", "", "commands:"]
     lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "`bpfree <command> --help` lists a command's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``bpfree <command> [options]`` to the command's ``main``; old names still run, with a notice."""
+    """Dispatch ``bpfree <command> [options]`` to the command's ``main``; old names still run, with a notice.
+
+    ``bpfree --version`` (or ``-V``) prints the package version. A bad option ends in the command's
+    argparse usage error (``SystemExit(2)``, the message naming the option).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lightning_bpfree import __version__
+
+        print(f"bpfree (lightning_bpfree) {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name in ALIASES:

@@ -28,7 +28,18 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 
-def _find_fashion_mnist(root: str | os.PathLike | None) -> Path:
+FASHION_MNIST_FETCH = "scripts/fetch-fashion-mnist.sh"
+"""The script (run by ``make venv``) that installs Debian's package, or unpacks it without root into
+``<sys.prefix>/share/datasets/fashion-mnist``: the second of :data:`FASHION_MNIST_DIRS`."""
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the four Fashion-MNIST IDX ``.gz`` files.
+
+    ``root`` when given; otherwise the first of ``$FASHION_MNIST_DIR`` and :data:`FASHION_MNIST_DIRS`
+    that holds ``train-images-idx3-ubyte.gz``. Raises ``FileNotFoundError`` naming the folders tried
+    and the commands that install the data.
+    """
     candidates = [root] if root is not None else [os.environ.get("FASHION_MNIST_DIR"), *FASHION_MNIST_DIRS]
     for candidate in candidates:
         if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
@@ -36,7 +47,8 @@ def _find_fashion_mnist(root: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(
         "Fashion-MNIST IDX files not found (looked in "
         + ", ".join(str(c) for c in candidates if c)
-        + "). Install Debian's package with `sudo apt-get install dataset-fashion-mnist`, "
+        + "). Install Debian's package with `sudo apt-get update && sudo apt-get install dataset-fashion-mnist`, "
+        f"or without root run `{FASHION_MNIST_FETCH} --user {sys.executable}` (what `make venv` runs), "
         "or pass root= / set FASHION_MNIST_DIR to a folder holding train-images-idx3-ubyte.gz."
     )
 
@@ -61,7 +73,7 @@ def fashion_mnist(
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = _find_fashion_mnist(root)
+    folder = fashion_mnist_dir(root)
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
     labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8)

@@ -148,3 +148,77 @@ def test_attention_function_needs_the_core_and_self_attention():
         soft_attention_forward(layer, q, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), None)
     out, weights = soft_attention_forward(layer, q, q, q, None)
     assert out.shape == (1, 6, 2, 4) and weights is None
+
+
+def _soft_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".soft_attention." in k}
+
+
+def test_save_pretrained_round_trip_restores_soft_attention(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = use_soft_attention(tiny_bert(), num_landmarks=4, normalize=True, value_conv_kernel=3).eval()
+    for parameter in model.parameters():  # trained-looking SOFT weights, not their initial values
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(5, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    before = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+
+    loaded = use_soft_attention(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)).eval()
+    assert loaded.config._attn_implementation == "soft"
+    assert loaded.config.soft_attention == model.config.soft_attention
+    assert loaded.config.soft_attention["num_landmarks"] == 4 and loaded.config.soft_attention["normalize"]
+    saved, restored = _soft_weights(model), _soft_weights(loaded)
+    assert saved.keys() == restored.keys() and len(saved) > 0
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    after = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(after, before, atol=1e-6)
+
+
+def test_soft_weights_load_into_the_base_model_of_a_task_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = use_soft_attention(tiny_bert(), num_landmarks=4).eval()
+    model.save_pretrained(tmp_path)
+    base = use_soft_attention(transformers.AutoModel.from_pretrained(tmp_path)).eval()
+    ids = torch.randint(5, 100, (1, 9))
+    torch.testing.assert_close(base(input_ids=ids).last_hidden_state, model.bert(input_ids=ids).last_hidden_state)
+
+
+def test_soft_checkpoint_loaded_without_the_switch_fails_loudly(tmp_path):
+    model = use_soft_attention(tiny_bert(), num_landmarks=4)
+    model.save_pretrained(tmp_path)
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert plain.config._attn_implementation == "soft"
+    with pytest.raises(ValueError, match="saved with SOFT attention"):
+        plain(input_ids=torch.randint(5, 100, (1, 6)))
+
+
+def test_options_that_contradict_the_saved_settings_are_refused_and_change_nothing(tmp_path):
+    model = use_soft_attention(tiny_bert(), num_landmarks=4)
+    model.save_pretrained(tmp_path)
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="soft_attention"):
+        use_soft_attention(plain, num_landmarks=8)
+    assert not any(isinstance(m, SOFTKernelAttention) for m in plain.modules())
+    # The same options as saved are fine and restore the saved weights.
+    restored = use_soft_attention(plain, num_landmarks=4)
+    assert all(torch.equal(a, b) for a, b in zip(_soft_weights(model).values(), _soft_weights(restored).values()))
+
+
+def test_partial_soft_weights_in_a_checkpoint_raise(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = use_soft_attention(tiny_bert(), num_landmarks=4)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(k for k in weights if ".soft_attention." in k)
+    save_file(
+        {k: v for k, v in weights.items() if k != dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"}
+    )
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no SOFT weight"):
+        use_soft_attention(plain)
+    assert not any(isinstance(m, SOFTKernelAttention) for m in plain.modules())

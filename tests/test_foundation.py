@@ -1,8 +1,11 @@
 """The shared pieces: benchmarking helpers, the console script, embedded data and models."""
 
 import importlib
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +135,70 @@ def test_fashion_mnist_and_its_error(tmp_path):
         data.fashion_mnist(root=tmp_path)
     with pytest.raises(ValueError, match="split"):
         data.fashion_mnist("validation")
+
+
+FETCH = Path(__file__).resolve().parents[1] / data.FASHION_MNIST_FETCH
+MISSING_MESSAGE = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+
+
+def _fake_tool(folder: Path, name: str, body: str) -> None:
+    tool = folder / name
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(0o755)
+
+
+def test_fetch_script_does_nothing_when_the_loader_finds_the_data(tmp_path, monkeypatch):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    result = subprocess.run(["bash", str(FETCH), sys.executable], capture_output=True, text=True)
+    assert result.returncode == 0 and f"found in {tmp_path}" in result.stdout
+
+
+def test_fetch_script_without_apt_stops_with_the_commands_to_run(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "cat").symlink_to(subprocess.run(["which", "cat"], capture_output=True, text=True).stdout.strip())
+    result = subprocess.run(["/bin/bash", str(FETCH), "--user", "--prefix", str(tmp_path), "unused-python"],
+                            capture_output=True, text=True, env={"PATH": str(bin_dir)})  # fmt: skip
+    assert result.returncode == 1
+    assert "apt-get and dpkg are not available" in result.stderr and MISSING_MESSAGE in result.stderr
+    assert f"cp /tmp/fmnist/usr/share/datasets/fashion-mnist/*.gz {tmp_path}/share/datasets/fashion-mnist/" in result.stderr
+
+
+def test_fetch_script_installs_as_root_and_downloads_without_root(tmp_path):
+    """apt-get is a fake that logs its arguments and fails, the interpreter a fake whose loader finds
+    nothing: as root the script runs apt-get update and install, then (or without root, at once) the
+    unprivileged download, then stops with the commands to run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    _fake_tool(bin_dir, "apt-get", f'echo "$*" >> {log}; exit 1')
+    _fake_tool(bin_dir, "sudo", "exit 1")  # no password-less sudo
+    _fake_tool(bin_dir, "python", f'case "$*" in *sys.prefix*) echo {tmp_path}/prefix;; *) exit 1;; esac')
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(FETCH), str(bin_dir / "python")], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and MISSING_MESSAGE in result.stderr
+    calls = [line.split() for line in log.read_text().splitlines()]
+    as_root = [["update", "-qq"], ["install", "-y", "-qq", "dataset-fashion-mnist"]] if os.geteuid() == 0 else []
+    assert calls[: len(as_root)] == as_root
+    assert calls[len(as_root)] == ["download", "-qq", "dataset-fashion-mnist"]
+    # no system package list: private lists in a temporary folder, which fail here too
+    assert calls[len(as_root) + 1][-2:] == ["update", "-qq"] and "Dir::State::Lists=" in " ".join(calls[-1])
+    assert len(calls) == len(as_root) + 2 and "apt-get update into private lists failed" in result.stderr
+
+
+@pytest.mark.slow
+def test_fetch_script_unpacks_debians_package_without_root_where_the_loader_reads_it(tmp_path):
+    """The real unprivileged branch: apt-get download + dpkg -x into <prefix>/share/datasets."""
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        pytest.skip("apt-get and dpkg are needed")
+    result = subprocess.run(["bash", str(FETCH), "--user", "--prefix", str(tmp_path), sys.executable],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "share" / "datasets" / "fashion-mnist"
+    assert f"{sys.prefix}/share/datasets/fashion-mnist" in data.FASHION_MNIST_DIRS  # the default prefix's folder
+    images, labels = data.fashion_mnist("test", root=folder)
+    assert images.shape == (10_000, 1, 28, 28) and labels.bincount().tolist() == [1000] * 10
 
 
 def test_stdlib_corpus_is_real_english_and_splits_by_document():

@@ -8,9 +8,12 @@ import torch
 from lightning_bpfree.noprop import bench
 
 
-def test_bench_rejects_unknown_method():
-    with pytest.raises(ValueError, match="methods must be among"):
+def test_bench_rejects_unknown_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, no traceback
         bench.main(["--methods", "backprop", "sgd"])
+    assert exit_info.value.code == 2 and "argument --methods: invalid choice: 'sgd'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="methods must be among"):  # the Python entry point
+        bench.build_module("sgd", num_blocks=2, hidden=8, channels=[4], lr=1e-3)
 
 
 @pytest.mark.parametrize("method", bench.METHODS)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lightning_bpfree.zo import bench
 
@@ -27,8 +28,9 @@ def test_command_writes_table_json_and_plot_with_exact_memory_accounting(tmp_pat
     assert 0 < step_counters <= 4 * 32
     assert rows["zo-sgd lora"]["trainable_params"] < params / 10
     assert "memory order" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--only"):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, no traceback
         bench.main(["--quick", "--out", str(tmp_path), "--only", "sgd"])
+    assert exit_info.value.code == 2 and "argument --only: invalid choice: 'sgd'" in capsys.readouterr().err
 
 
 def test_memory_part_writes_its_own_files_in_the_command_folder(tmp_path, monkeypatch):
@@ -44,3 +46,41 @@ def test_memory_part_writes_its_own_files_in_the_command_folder(tmp_path, monkey
     assert all(row["s/step"] > 0 for row in figures["rows"]) and "ZO-SGD extra memory" in figures["verdict"]
     assert (tmp_path / f"{bench.NAME}-memory.png").stat().st_size > 10_000
     assert not (tmp_path / f"{bench.NAME}.json").exists()  # the methods part's files are not touched
+
+
+def test_demo_trainer_runs_its_steps_and_the_progress_bar_counts_real_epochs(tmp_path):
+    """``bpfree demo`` sets the epochs its steps take: the bar read ``Epoch 1/-2`` with ``max_epochs=-1``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import RichProgressBar
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bpfree import ZerothOrder
+    from lightning_bpfree.zo import demo
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters())  # replaced by ZerothOrder
+
+    data = TensorDataset(torch.randn(12, 4), torch.randn(12))
+    train_loader = DataLoader(data, batch_size=4)  # 3 batches per epoch
+    bar = RichProgressBar()
+    shown: list[str] = []
+
+    class Reader(pl.Callback):  # the bar's text at each step
+        def on_train_batch_end(self, trainer, *args):
+            shown.append(bar._get_train_description(trainer.current_epoch).strip())
+
+    callbacks = [ZerothOrder("zo-sgd", lr=1e-3), bar, Reader()]
+    trainer = demo._trainer(7, callbacks, len(train_loader), default_root_dir=tmp_path)
+    trainer.fit(Regressor(), train_loader)
+    assert trainer.global_step == 7 and trainer.max_epochs == 3
+    assert shown == ["Epoch 0/2"] * 3 + ["Epoch 1/2"] * 3 + ["Epoch 2/2"]

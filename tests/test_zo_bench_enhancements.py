@@ -1,6 +1,7 @@
 """Block-wise ZO, hybrid ZO/FO, gradient sparsity and the peft schemes."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -326,8 +327,8 @@ def test_schemes_through_peft_train_only_their_parameters():
 
 def test_blocks_sparsity_and_first_order_compose_and_resume_exactly():
     """The three enhancements in one optimizer: a run resumed from ``state_dict`` after 3 steps
-    ends bitwise where the uninterrupted run ends, and a NaN step leaves the ZO weights bitwise
-    as they were (the first-order part still steps)."""
+    ends bitwise where the uninterrupted run ends, and a NaN step leaves both parts bitwise
+    as they were (a skipped step skips the first-order part too)."""
 
     def build(model):
         return ZOSGD(
@@ -368,4 +369,33 @@ def test_blocks_sparsity_and_first_order_compose_and_resume_exactly():
     assert all(torch.equal(a, b) for a, b in zip(zo_before, zo_after))
     assert optimizer.zo_state["skipped_steps"] == 2  # one per block
     assert torch.isfinite(loss)  # the first-order pass measured a finite loss at theta
-    assert any(not torch.equal(a, b) for a, b in zip(head_before, model[4].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(head_before, model[4].parameters()))
+    assert optimizer.last_step_skipped and all(p.grad is None for p in model[4].parameters())
+
+
+@pytest.mark.parametrize("poison", ["nan-loss", "nan-gradient-only"])
+def test_a_non_finite_first_order_pass_skips_both_parts_bitwise(poison):
+    model, x, y = regression()
+    head = model[4]
+    part = FirstOrderPart(head.parameters(), lr=1e-2)
+    optimizer = ZOSGD(model.parameters(), lr=1e-2, eps=1e-3, seed=3, first_order=part)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        loss = ((model(x) - y) ** 2).mean()
+        if poison == "nan-loss":
+            return loss * float("nan")
+        # a finite loss whose gradient is NaN: where() sends 0 * inf back to the head's weight
+        hidden = head.weight * float("inf")
+        return loss + torch.where(torch.zeros_like(hidden, dtype=torch.bool), hidden, 0.0).sum()
+
+    loss = optimizer.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # neither part moved
+    assert optimizer.zo_state["skipped_steps"] == 1 and optimizer.last_step_skipped
+    assert all(p.grad is None for p in model.parameters())
+    assert not part.optimizer.state  # the first-order optimizer never stepped (no AdamW moments)
+    assert (not math.isfinite(float(loss))) == (poison == "nan-loss")
+    # a finite step afterwards moves both parts again
+    optimizer.step(lambda: ((model(x) - y) ** 2).mean())
+    assert not optimizer.last_step_skipped
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

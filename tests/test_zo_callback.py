@@ -231,3 +231,86 @@ def test_smollm2_zo_step_offline(tmp_path):
     assert trainer.global_step == 1
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_module_is_given_back_as_it_came_and_an_ordinary_fit_then_trains(tmp_path):
+    module = Regressor()
+    trainer = make_trainer(tmp_path, [ZerothOrder(lr=1e-3, seed=0)], max_steps=3)
+    trainer.fit(module, loader())
+    assert trainer.global_step == 3  # the finished trainer still reports the ZO steps
+    assert module.automatic_optimization is True
+    assert not {"training_step", "configure_optimizers", "_bpfree_zeroth_order"} & set(module.__dict__)
+    before = [p.detach().clone() for p in module.parameters()]
+    # max_epochs guards against the old failure (global_step stuck at 0 runs empty epochs forever)
+    ordinary = make_trainer(tmp_path, [], max_steps=5, max_epochs=2)
+    ordinary.fit(module, loader())
+    assert ordinary.global_step == 5
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters()))  # Adam trained it
+
+
+def test_module_is_given_back_after_a_failed_fit(tmp_path):
+    class NoLoss(Regressor):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    module = NoLoss()
+    with pytest.raises(ValueError, match="must return the loss"):
+        make_trainer(tmp_path, [ZerothOrder(lr=1e-3)], max_steps=2).fit(module, loader())
+    assert module.automatic_optimization is True
+    assert "training_step" not in module.__dict__ and "configure_optimizers" not in module.__dict__
+
+
+def test_a_module_with_no_trainable_parameter_is_refused(tmp_path):
+    module = Regressor().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter to train.*requires_grad"):
+        make_trainer(tmp_path, [ZerothOrder(lr=1e-3)], max_steps=2).fit(module, loader())
+    assert module.automatic_optimization is True and "training_step" not in module.__dict__
+
+
+def test_unknown_or_inapplicable_options_are_refused_at_construction():
+    with pytest.raises(TypeError, match=r"ZerothOrder\('zo-sgd'\).*'momentum'.*valid options:.*num_queries"):
+        ZerothOrder("zo-sgd", momentum=0.9)
+    with pytest.raises(TypeError, match="'num_querys'.*valid options"):
+        ZerothOrder(num_querys=4)
+    ZerothOrder("zo-sgd-mmt", momentum=0.5)  # where it applies, it is accepted
+    with pytest.raises(TypeError, match="seed"):  # values too, before any Trainer exists
+        ZerothOrder(seed="abc")
+    with pytest.raises(TypeError, match="disable_dropout"):
+        ZerothOrder(disable_dropout="false")
+
+
+def test_other_multi_process_strategies_are_refused_at_setup(tmp_path):
+    from unittest import mock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = make_trainer(tmp_path, [ZerothOrder(lr=1e-3)])
+    callback = trainer.callbacks[0]
+    with mock.patch.object(pl.Trainer, "world_size", 2), mock.patch.object(pl.Trainer, "strategy", FSDPStrategy()):
+        with pytest.raises(ValueError, match="FSDPStrategy.*strategy='ddp'"):
+            callback._needs_data_parallel(trainer)
+
+
+def test_resume_at_an_epoch_boundary_is_bitwise_identical_with_several_batches_per_epoch(tmp_path):
+    # 4 batches per epoch; ModelCheckpoint(every_n_train_steps=4) writes after the last batch of each
+    # epoch, and the data order of an epoch does not depend on the run's history (shuffle=False).
+    # docs/zo.md states the limits: a mid-epoch checkpoint restarts the epoch's data at its first
+    # batch, and Lightning replays one batch after an every_n_epochs / end-of-fit checkpoint.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps, ckpt_path=None, folder=None):
+        torch.manual_seed(0)
+        module = Regressor()
+        callbacks = [ZerothOrder("zo-adam", lr=0.01, seed=4)]
+        if folder is not None:
+            callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=4, save_top_k=-1, filename="{step}"))
+        trainer = make_trainer(tmp_path, callbacks, max_steps=max_steps, enable_checkpointing=folder is not None)
+        trainer.fit(module, loader(batch_size=64), ckpt_path=ckpt_path)
+        return module, trainer
+
+    uninterrupted, _ = fit(12)
+    fit(12, folder=tmp_path / "ckpt")
+    resumed, trainer = fit(12, ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert trainer.global_step == 12 and trainer.optimizers[0].zo_state["step"] == 12
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -29,6 +29,7 @@ NAME = command_name(__name__)
 METHODS = ("soft", "sdpa", "eager", "nystromformer")
 FULL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (512, 1024, 2048)
+VIT_PATCHES = (1, 2, 4, 7, 14, 28)  # the divisors of Fashion-MNIST's 28-pixel side
 
 
 def _attention_forward(method: str, tokens: int, dim: int, num_heads: int, num_landmarks: int):
@@ -226,16 +227,17 @@ def _plot_vit(results: list[dict[str, Any]], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1 per configuration")
-    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k..32k; quick 512..2k)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--max-eager-tokens", type=int, default=16384, help="longest N for eager softmax")
-    parser.add_argument("--num-landmarks", type=int, default=49)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per point (median)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
+    parser.add_argument("--lengths", type=benchmarking.positive_int, nargs="+", help="sequence lengths (default 1k..32k; quick 512..2k)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
+    parser.add_argument("--max-eager-tokens", type=benchmarking.positive_int, default=16384, help="longest N for eager softmax")
+    parser.add_argument("--num-landmarks", type=benchmarking.positive_int, default=49, help="SOFT landmarks")
+    parser.add_argument("--repeats", type=benchmarking.positive_int, default=None, help="timed repeats per point (median)")
+    parser.add_argument("--timeout", type=benchmarking.positive_float, default=600.0, help="seconds per configuration")
     parser.add_argument("--skip-vit", action="store_true", help="only the scaling part")
-    parser.add_argument("--vit-train", type=int, default=None, help="Fashion-MNIST training images")
-    parser.add_argument("--vit-epochs", type=int, default=None)
-    parser.add_argument("--vit-patch", type=int, default=None, help="patch size (28 / patch)^2 tokens")
+    parser.add_argument("--vit-train", type=benchmarking.positive_int, default=None, help="Fashion-MNIST training images")
+    parser.add_argument("--vit-epochs", type=benchmarking.positive_int, default=None, help="ViT epochs (default 2, quick 1)")
+    parser.add_argument("--vit-patch", type=int, default=None, choices=VIT_PATCHES,
+                        help="patch size, a divisor of 28: (28 / patch)^2 tokens (default 2, quick 4)")  # fmt: skip
     args = parser.parse_args(argv)
     args.lengths = sorted(args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS))
     args.repeats = args.repeats or (2 if args.quick else 3)

@@ -11,11 +11,22 @@ Two registrations under the name ``"soft"`` make it work:
 SOFT ties queries and keys (its kernel is ``exp(-||q_i - q_j||^2 / 2)``), so the layer's own query
 projection gives both and its key projection is left unused. SOFT has no causal or cross-attention form:
 landmarks summarise every token, so they would leak the future, and the kernel needs ``K = Q``.
+
+Saving and loading: the switch records its settings in ``config.soft_attention`` and
+``config.attn_implementation = "soft"``, both written to ``config.json`` by ``save_pretrained``.
+``use_soft_attention(AutoModel.from_pretrained(path))`` reads the settings back and loads the SOFT
+weights that ``from_pretrained`` leaves out (it reports them as unexpected keys). A SOFT checkpoint
+never loads silently as ordinary attention: without this module imported transformers refuses
+``attn_implementation="soft"``, and with it the first forward pass raises until the switch is made.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +36,12 @@ from lightning_bpfree.attention.soft import SOFTKernelAttention
 
 IMPLEMENTATION_NAME = "soft"
 CORE_ATTRIBUTE = "soft_attention"
+# The config attribute holding the SOFT settings; transformers writes it to config.json.
+CONFIG_SETTINGS = "soft_attention"
 # What use_soft_attention(**options) accepts: the SOFTKernelAttention arguments, except the head size,
 # which each layer's own projections fix.
-SOFT_OPTIONS = tuple(name for name in inspect.signature(SOFTKernelAttention).parameters if name != "head_dim")
+_CORE_PARAMETERS = inspect.signature(SOFTKernelAttention).parameters
+SOFT_OPTIONS = tuple(name for name in _CORE_PARAMETERS if name != "head_dim")
 
 
 def _registered_interfaces() -> None:
@@ -114,6 +128,12 @@ def soft_attention_forward(
     """
     core = getattr(module, CORE_ATTRIBUTE, None)
     if not isinstance(core, SOFTKernelAttention):
+        if isinstance(getattr(getattr(module, "config", None), CONFIG_SETTINGS, None), Mapping):
+            raise ValueError(
+                f"{type(module).__name__} has no SOFT core: this model was saved with SOFT attention "
+                "(config.soft_attention) and loaded without its SOFT layers; call "
+                "lightning_bpfree.attention.use_soft_attention(model) after from_pretrained to restore them"
+            )
         raise ValueError(
             f"{type(module).__name__} has no SOFT core; call "
             "lightning_bpfree.attention.use_soft_attention(model) rather than setting "
@@ -163,16 +183,23 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
 
     Works for encoders that use transformers' ``AttentionInterface`` (BERT, RoBERTa, ViT, ...).
 
+    The settings are recorded in ``model.config.soft_attention`` (and ``config.attn_implementation``), so
+    ``save_pretrained`` saves them. To load a saved SOFT model, switch it again without options:
+    ``use_soft_attention(AutoModel.from_pretrained(path))`` takes the settings from the config and the
+    SOFT weights from the checkpoint ``from_pretrained`` read (local files only, nothing is downloaded).
+
     Args:
         model: a transformers ``PreTrainedModel``.
         **options: :class:`~lightning_bpfree.attention.soft.SOFTKernelAttention` options:
             ``num_landmarks`` (49), ``newton_iters`` (20), ``normalize`` (False), ``landmarks`` ("pool"),
-            ``conv_stride``, ``project_landmarks``, ``value_conv_kernel``.
+            ``conv_stride``, ``project_landmarks``, ``value_conv_kernel``. Without options, the settings
+            saved in ``model.config.soft_attention`` if there are any, else the defaults.
 
     Raises:
         ValueError: a causal (decoder) or encoder-decoder model, cross-attention layers, grouped-query
-            attention, or a model without ``AttentionInterface`` layers.
-        TypeError: an unknown option.
+            attention, a model without ``AttentionInterface`` layers, options that contradict the
+            saved ``config.soft_attention``, or a checkpoint that holds only some of the SOFT weights.
+        TypeError: an unknown option, or a model that is not a transformers model.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -180,6 +207,14 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
     unknown = sorted(set(options) - set(SOFT_OPTIONS))
     if unknown:
         raise TypeError(f"unknown SOFT option(s) {unknown}; accepted: {sorted(SOFT_OPTIONS)}")
+    saved = _saved_settings(config)
+    settings = soft_settings(options) if options or saved is None else saved
+    if saved is not None and options and settings != saved:
+        raise ValueError(
+            f"the model's config.soft_attention records SOFT settings {saved}, which differ from the options "
+            f"{settings}; call use_soft_attention(model) without options to restore the saved SOFT layers, or "
+            "delete config.soft_attention first to switch afresh"
+        )
     if getattr(config, "add_cross_attention", False):
         raise ValueError("the model has cross-attention layers; SOFT is self-attention only (keys are the queries)")
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
@@ -203,11 +238,111 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
         if "Cross" in type(layer).__name__ or getattr(layer, "is_cross_attention", False):
             raise ValueError(f"layer {name!r} is cross-attention; SOFT is self-attention only (keys are the queries)")
     reference = next(model.parameters())
-    for _, layer in layers:
-        core = SOFTKernelAttention(_head_dim(layer), **options)
-        layer.add_module(CORE_ATTRIBUTE, core.to(device=reference.device, dtype=reference.dtype))
+    # Every core is built (and its saved weights read) before the first is attached, so a failure
+    # leaves the model as it came.
+    cores = {
+        name: SOFTKernelAttention(_head_dim(layer), **settings).to(device=reference.device, dtype=reference.dtype)
+        for name, layer in layers
+    }
+    if saved is not None and not any(
+        isinstance(getattr(layer, CORE_ATTRIBUTE, None), nn.Module) for _, layer in layers
+    ):
+        _load_saved_cores(model, cores)
     _registered_interfaces()
+    for name, layer in layers:
+        layer.add_module(CORE_ATTRIBUTE, cores[name])
     model.set_attn_implementation(IMPLEMENTATION_NAME)
     if model.config._attn_implementation != IMPLEMENTATION_NAME:
         raise RuntimeError(f"transformers did not accept attn_implementation={IMPLEMENTATION_NAME!r}")
+    # Both go to config.json: the settings rebuild the layers on loading, and attn_implementation makes a
+    # loader that skips use_soft_attention fail loudly instead of running ordinary attention.
+    setattr(config, CONFIG_SETTINGS, settings)
+    config.attn_implementation = IMPLEMENTATION_NAME
     return model
+
+
+def soft_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The full SOFT settings of ``use_soft_attention(**options)``: every option, defaults filled in."""
+    return {name: options.get(name, _CORE_PARAMETERS[name].default) for name in SOFT_OPTIONS}
+
+
+def _saved_settings(config: Any) -> dict[str, Any] | None:
+    """``config.soft_attention`` (written by an earlier switch, possibly loaded from config.json), checked."""
+    saved = getattr(config, CONFIG_SETTINGS, None)
+    if saved is None:
+        return None
+    if not isinstance(saved, Mapping) or set(saved) - set(SOFT_OPTIONS):
+        raise ValueError(f"config.soft_attention must be a dict of SOFT options {sorted(SOFT_OPTIONS)}, got {saved!r}")
+    return soft_settings(saved)
+
+
+def _checkpoint_tensors(source: str) -> dict[str, Tensor] | None:
+    """The SOFT tensors of a saved checkpoint (local folder or hub cache, never downloaded); None if none found."""
+    from transformers.utils import cached_file
+
+    def locate(filename: str) -> str | None:
+        try:
+            return cached_file(
+                source, filename, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )  # fmt: skip
+        except OSError:
+            return None
+
+    for weights, index in (("model.safetensors", "model.safetensors.index.json"),
+                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # fmt: skip
+        files = [locate(weights)]
+        if files[0] is None and (index_file := locate(index)) is not None:
+            shards = sorted(set(json.loads(Path(index_file).read_text())["weight_map"].values()))
+            files = [locate(shard) for shard in shards]
+        if all(files):
+            tensors: dict[str, Tensor] = {}
+            for file in files:
+                if file.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+
+                    state = load_file(file)
+                else:
+                    state = torch.load(file, map_location="cpu", weights_only=True)
+                tensors.update({key: value for key, value in state.items() if f".{CORE_ATTRIBUTE}." in key})
+            return tensors
+    return None
+
+
+def _load_saved_cores(model: nn.Module, cores: dict[str, SOFTKernelAttention]) -> None:
+    """Fill ``cores`` with the SOFT weights of the checkpoint ``model`` was loaded from (``config._name_or_path``).
+
+    A model built from a config alone (no checkpoint path) keeps freshly initialised cores; a checkpoint
+    path without SOFT weights gets a warning, or a ``ValueError`` when only some are there.
+    """
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    if not source:
+        return
+    saved = _checkpoint_tensors(source)
+    if not saved:
+        warnings.warn(
+            f"config.soft_attention says the model uses SOFT attention, but no SOFT weights were found at "
+            f"{source!r}; the SOFT layers start freshly initialised",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for name, core in cores.items():
+        state = {}
+        for key in core.state_dict():
+            wanted = f"{name}.{CORE_ATTRIBUTE}.{key}"
+            # The checkpoint may carry the base model's prefix (saved from a task head) or lack it.
+            candidates = (wanted, prefix + wanted, wanted.removeprefix(prefix))
+            found = next((saved[c] for c in candidates if c in saved), None)
+            if found is None:
+                raise ValueError(f"the checkpoint at {source!r} has no SOFT weight {wanted!r}")
+            state[key] = found
+        core.load_state_dict(state)
+
+
+# Registered on import, so that from_pretrained accepts a saved config's attn_implementation="soft".
+try:
+    _registered_interfaces()
+except ImportError:  # transformers missing: use_soft_attention raises when it is called
+    pass

@@ -28,9 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_int, check_optional, check_positive_int
+from lightning_bpfree.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_optional,
+    check_options,
+    check_positive_int,
+)
 
 LANDMARK_KINDS = ("pool", "conv")
+# The SOFTKernelAttention options SOFTAttention passes on through **core_options.
+CORE_OPTIONS = ("landmarks", "conv_stride", "project_landmarks", "value_conv_kernel")
 
 
 def head_size(dim: int, num_heads: int) -> int:
@@ -77,6 +86,7 @@ def newton_schulz_pinv(A: Tensor, iters: int) -> Tensor:
     Returns:
         ``[..., n, m]``, same dtype as ``A``.
     """
+    _check_matrix(A, iters)
     norm_1 = A.abs().sum(-2).amax(-1)
     norm_inf = A.abs().sum(-1).amax(-1)
     # An all-zero matrix has pseudo-inverse zero; clamp keeps alpha finite (V0 = 0 then stays 0).
@@ -129,12 +139,19 @@ def newton_pinv(A: Tensor, iters: int = 20) -> Tensor:
     Returns:
         ``[..., n, m]`` in the dtype of ``A``.
     """
+    _check_matrix(A, iters)
+    return _NewtonPinv.apply(A, iters)
+
+
+def _check_matrix(A: Tensor, iters: int) -> None:
+    """The argument checks of the two pseudo-inverse functions (non-finite entries are allowed: they give NaN)."""
     if not isinstance(A, Tensor) or not A.is_floating_point():
         raise TypeError(f"A must be a floating-point torch.Tensor, got {type(A).__name__}")
     if A.dim() < 2:
         raise ValueError(f"A must have at least 2 dimensions [..., m, n], got shape {tuple(A.shape)}")
+    if A.shape[-1] == 0 or A.shape[-2] == 0:
+        raise ValueError(f"A must have m, n >= 1 in its shape [..., m, n], got shape {tuple(A.shape)}")
     check_int("iters", iters, low=0)
-    return _NewtonPinv.apply(A, iters)
 
 
 def _check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
@@ -152,9 +169,12 @@ def _check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens:
 def _check_hw(hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
     if hw is None:
         return None
-    if len(hw) != 2 or int(hw[0]) * int(hw[1]) != tokens:
+    if not isinstance(hw, (tuple, list)) or len(hw) != 2:
+        raise TypeError(f"hw must be a pair (H, W) of ints, got {hw!r}")
+    height, width = check_positive_int("hw[0]", hw[0]), check_positive_int("hw[1]", hw[1])
+    if height * width != tokens:
         raise ValueError(f"hw=(H, W) must satisfy H * W == N = {tokens}, got hw={tuple(hw)}")
-    return int(hw[0]), int(hw[1])
+    return height, width
 
 
 def _grid_shape(count: int, H: int, W: int) -> tuple[int, int]:
@@ -262,14 +282,14 @@ class SOFTKernelAttention(nn.Module):
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
         self.newton_iters = check_positive_int("newton_iters", newton_iters)
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         self.landmarks = check_choice("landmarks", landmarks, LANDMARK_KINDS)
         self.conv_stride = check_positive_int("conv_stride", conv_stride)
         self.value_conv_kernel = check_optional(check_positive_int, "value_conv_kernel", value_conv_kernel)
         if value_conv_kernel is not None and value_conv_kernel % 2 == 0:
             # an even kernel has no centre, so "same" padding would shift the sequence by half a token
             raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
-        self.project_landmarks = project_landmarks
+        self.project_landmarks = check_bool("project_landmarks", project_landmarks)
         if landmarks == "conv":
             self.landmark_conv = nn.Conv2d(head_dim, head_dim, kernel_size=conv_stride, stride=conv_stride)
         elif project_landmarks:
@@ -302,6 +322,9 @@ class SOFTKernelAttention(nn.Module):
         Returns:
             ``[B, heads, N, d_v]``; rows at padded positions are zero.
         """
+        for name, tensor in (("q", q), ("v", v)):
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor [B, heads, N, d], got {type(tensor).__name__}")
         if q.dim() != 4 or v.dim() != 4 or q.shape[:3] != v.shape[:3]:
             raise ValueError(f"q and v must be [B, heads, N, d] with equal B, heads, N; got {q.shape}, {v.shape}")
         if q.shape[-1] != self.head_dim:
@@ -310,6 +333,11 @@ class SOFTKernelAttention(nn.Module):
         key_padding_mask = _check_key_padding_mask(key_padding_mask, B, N)
         hw = _check_hw(hw, N)
         valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+        if key_padding_mask is not None:
+            # Padded entries are replaced, not multiplied by 0, so whatever they hold (even NaN) never
+            # reaches the real tokens' outputs.
+            q = torch.where(valid[:, None, :, None], q, 0.0)
+            v = torch.where(valid[:, None, :, None], v, 0.0)
         token_weight = valid[:, None, :, None].to(q.dtype)  # [B, 1, N, 1]
 
         landmarks, landmark_valid = self._landmarks(q, valid, hw)  # [B, heads, m, d], [B, m]
@@ -400,6 +428,8 @@ class SOFTAttention(nn.Module):
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = head_size(dim, num_heads)
+        check_bool("qkv_bias", qkv_bias)
+        check_options("SOFTAttention", core_options, CORE_OPTIONS)
         self.query = nn.Linear(dim, dim, bias=qkv_bias)
         self.value = nn.Linear(dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
@@ -422,6 +452,8 @@ class SOFTAttention(nn.Module):
         Returns:
             ``[B, N, C]``; padded positions carry the output projection's bias only.
         """
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor [B, N, C], got {getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, N, C={self.dim}], got shape {tuple(x.shape)}")
         B, N, _ = x.shape

@@ -20,18 +20,27 @@ from lightning_bpfree.attribution.density import jvp_attribution
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
+    check_generator,
+    check_model,
     evaluation_mode,
     logits_from_embeddings,
     model_device,
     next_token_logits,
     token_embeddings,
+    vocabulary_size,
 )
-from lightning_bpfree.validation import check_positive_int
+from lightning_bpfree.validation import check_int, check_positive_int
+
+
+def _checked_sequence(model, input_ids: Tensor) -> Tensor:
+    check_model(model)
+    return as_token_sequence(input_ids, model=model)
 
 
 def _predicted(model, sequence: Tensor, target_id: int | None) -> int:
     if target_id is not None:
-        return int(target_id)
+        vocab = vocabulary_size(model)
+        return check_int("target_id", target_id, low=0, high=None if vocab is None else vocab - 1)
     with torch.no_grad(), evaluation_mode(model):
         return int(next_token_logits(model, sequence[None].to(model_device(model)))[0].argmax())
 
@@ -40,7 +49,7 @@ def gradient_x_input(
     model: LanguageModel, input_ids: Tensor, target_id: int | None = None, *, method: str = "jvp"
 ) -> Tensor:
     """Gradient x input of ``p(target | input)`` per input token; ``method`` as in ``jvp_attribution``."""
-    sequence = as_token_sequence(input_ids)
+    sequence = _checked_sequence(model, input_ids)
     target = _predicted(model, sequence, target_id)
     return jvp_attribution(model, sequence, torch.tensor([target]), method=method)[0]
 
@@ -54,13 +63,14 @@ def integrated_gradients(
         steps: points on the straight path (all run as one batch of ``steps`` sequences).
     """
     check_positive_int("steps", steps)
-    sequence = as_token_sequence(input_ids).to(model_device(model))
+    sequence = _checked_sequence(model, input_ids).to(model_device(model))
     target = _predicted(model, sequence, target_id)
     with evaluation_mode(model), torch.enable_grad():
         embeds = token_embeddings(model, sequence[None])  # [1, N, D]
         alphas = (torch.arange(steps, device=embeds.device, dtype=embeds.dtype) + 0.5) / steps
         path = (alphas.view(-1, 1, 1) * embeds).requires_grad_(True)
-        probs = torch.softmax(logits_from_embeddings(model, path)[:, -1], -1)[:, target]
+        logits = logits_from_embeddings(model, path, "on the integration path")
+        probs = torch.softmax(logits[:, -1], -1)[:, target]
         (grad,) = torch.autograd.grad(probs.sum(), path)
     return (grad.mean(0) * embeds[0]).sum(-1).detach().cpu()
 
@@ -71,10 +81,11 @@ def attention_attribution(model: LanguageModel, input_ids: Tensor, *, layer: int
     Needs a transformers model; its attention implementation is set to ``"eager"`` for the call
     (the fused kernels return no weights) and restored afterwards.
     """
-    sequence = as_token_sequence(input_ids).to(model_device(model))
+    sequence = _checked_sequence(model, input_ids).to(model_device(model))
     setter = getattr(model, "set_attn_implementation", None)
     if setter is None:
         raise TypeError("attention_attribution needs a transformers model (set_attn_implementation)")
+    check_int("layer", layer)
     previous = model.config._attn_implementation
     setter("eager")
     try:
@@ -84,10 +95,16 @@ def attention_attribution(model: LanguageModel, input_ids: Tensor, *, layer: int
         setter(previous)
     if not attentions:
         raise RuntimeError("the model returned no attention weights")
-    return attentions[layer][0, :, -1].float().mean(0).cpu()
+    if not -len(attentions) <= layer < len(attentions):
+        raise ValueError(f"layer must be in [{-len(attentions)}, {len(attentions)}) for this model, got {layer}")
+    weights = attentions[layer][0, :, -1].float().mean(0).cpu()
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("the model output (attention weights) holds NaN or infinite values")
+    return weights
 
 
 def random_attribution(input_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniform random scores in [0, 1), one per input token."""
+    check_generator(generator)
     sequence = as_token_sequence(input_ids)
     return torch.rand(sequence.numel(), generator=generator)

@@ -292,12 +292,12 @@ def plot(path: Path, toy: list[dict], smol: list[dict] | None, records: list[dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__)
-    parser.add_argument("--prompts", type=int, default=6, help="SmolLM2 faithfulness prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per faithfulness prompt")
-    parser.add_argument("--instruction-prompts", type=int, default=12, help="SmolLM2 instruction prompts")
-    parser.add_argument("--toy-prompts", type=int, default=30, help="retrieval prompts on the toy model")
-    parser.add_argument("--num-probes", type=int, default=8, help="ReAGent probes (the paper: 16)")
-    parser.add_argument("--max-probe-steps", type=int, default=60, help="ReAGent step cap (the paper: 3000-5000)")
+    parser.add_argument("--prompts", type=benchmarking.positive_int, default=6, help="SmolLM2 faithfulness prompts")
+    parser.add_argument("--prompt-tokens", type=benchmarking.positive_int, default=16, help="tokens per faithfulness prompt")
+    parser.add_argument("--instruction-prompts", type=benchmarking.positive_int, default=12, help="SmolLM2 instruction prompts")
+    parser.add_argument("--toy-prompts", type=benchmarking.positive_int, default=30, help="retrieval prompts on the toy model")
+    parser.add_argument("--num-probes", type=benchmarking.positive_int, default=8, help="ReAGent probes (the paper: 16)")
+    parser.add_argument("--max-probe-steps", type=benchmarking.positive_int, default=60, help="ReAGent step cap (the paper: 3000-5000)")
     args = parser.parse_args(argv)
     with benchmarking.using_threads(benchmarking.torch_threads(args.threads)):
         return _run(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,15 @@ from torch import Tensor
 
 from lightning_bpfree.attribution.heatmap import heatmap_html, plot_heatmap, token_strings
 from lightning_bpfree.attribution.metrics import soft_faithfulness
+from lightning_bpfree.attribution.model_interface import as_token_sequence
 from lightning_bpfree.attribution.reagent import reagent_attribution
-from lightning_bpfree.validation import check_positive_int
+from lightning_bpfree.validation import check_bool, check_options, check_positive_int, check_seed
+
+_REAGENT_OPTIONS = tuple(
+    name
+    for name, parameter in inspect.signature(reagent_attribution).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "return_details"
+) + ("target_id",)
 
 
 class ReAGentCallback(Callback):
@@ -55,13 +63,22 @@ class ReAGentCallback(Callback):
             raise ValueError("prompts must be a non-empty list of strings or token-id tensors")
         if any(isinstance(p, str) for p in prompts) and tokenizer is None:
             raise ValueError("string prompts need a tokenizer: pass tokenizer=..., or give token-id tensors")
+        for prompt in prompts:
+            if isinstance(prompt, Tensor):
+                as_token_sequence(prompt.flatten(), "prompts")
+            elif not isinstance(prompt, str):
+                raise TypeError(f"prompts must be strings or token-id tensors, got {type(prompt).__name__}")
+        # Options reagent_attribution takes by keyword, except those this callback sets itself.
+        check_options("ReAGentCallback", reagent_options, _REAGENT_OPTIONS)
+        if model_attr is not None and not isinstance(model_attr, str):
+            raise TypeError(f"model_attr must be an attribute name or None, got {model_attr!r}")
         self.prompts = list(prompts)
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.tokenizer = tokenizer
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.model_attr = model_attr
-        self.faithfulness = faithfulness
-        self.seed = seed
+        self.faithfulness = check_bool("faithfulness", faithfulness)
+        self.seed = check_seed("seed", seed)
         self.reagent_options = reagent_options
         self.last_results: list[dict[str, Any]] = []
 

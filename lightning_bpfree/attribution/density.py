@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
+    check_model,
     evaluation_mode,
     logits_from_embeddings,
     model_device,
@@ -40,7 +41,7 @@ ATTRIBUTION_METHODS = ("jvp", "backward")
 
 def _response_probabilities(model, embeds: Tensor, output_ids: Tensor, num_inputs: int) -> Tensor:
     """p(y_m | x, y_<m) for each row of ``embeds`` ``[B, N+M-1, D]`` -> ``[B, M]``."""
-    logits = logits_from_embeddings(model, embeds)
+    logits = logits_from_embeddings(model, embeds, "on the prompt and response")
     # The logits at position N-1+m predict response token m.
     predicting = logits[:, num_inputs - 1 : num_inputs - 1 + output_ids.numel()]
     probs = torch.softmax(predicting, dim=-1)
@@ -75,15 +76,23 @@ def jvp_attribution(
         float32 ``[M, N]``: ``I[m, n]`` in probability units (the first-order change of ``p(y_m)``
         when ``e_n`` is scaled to zero, with the sign flipped).
     """
+    check_model(model)
     check_choice("method", method, ATTRIBUTION_METHODS)
     check_optional(check_positive_int, "chunk_size", chunk_size)
-    prompt = as_token_sequence(input_ids, "input_ids")
-    response = as_token_sequence(output_ids, "output_ids")
+    prompt = as_token_sequence(input_ids, "input_ids", model)
+    response = as_token_sequence(output_ids, "output_ids", model)
     num_inputs = prompt.numel()
     if positions is None:
         chosen = torch.arange(num_inputs)
     else:
-        chosen = torch.as_tensor(positions, dtype=torch.long).flatten()
+        if isinstance(positions, Tensor):
+            if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+                raise TypeError(f"positions must hold integer prompt positions, got dtype {positions.dtype}")
+            chosen = positions.long().flatten()
+        else:
+            if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+                raise TypeError(f"positions must be a sequence of ints or an int tensor, got {positions!r}")
+            chosen = torch.tensor([check_int("positions", p) for p in positions], dtype=torch.long)
         if chosen.numel() == 0 or bool((chosen < 0).any()) or bool((chosen >= num_inputs).any()):
             raise ValueError(f"positions must be prompt positions in [0, {num_inputs}), got {chosen.tolist()}")
     # The last response token is predicted, never fed.
@@ -148,6 +157,12 @@ def importance_density(attribution: Tensor, L: int = 10, b: int = 7, p: float = 
     if not isinstance(attribution, Tensor) or attribution.dim() != 2:
         shape = tuple(attribution.shape) if isinstance(attribution, Tensor) else type(attribution).__name__
         raise ValueError(f"attribution must be a 2-D tensor [M outputs, N inputs], got {shape}")
+    if attribution.numel() == 0:
+        raise ValueError(
+            f"attribution must hold at least one output and one input, got shape {tuple(attribution.shape)}"
+        )
+    if not bool(torch.isfinite(attribution).all()):
+        raise ValueError("attribution holds NaN or infinite values; the density of non-finite scores is undefined")
     check_positive_int("L", L)
     check_int("b", b, low=0, high=L - 1)
     check_float("p", p, low=1.0, low_open=True)  # for p = 1 the L1/Lp ratio is the same for every token
@@ -170,6 +185,10 @@ def instruction_score(density: Tensor, instruction_mask: Tensor) -> float:
         density: ``[N]`` from ``importance_density``.
         instruction_mask: bool ``[N]``, True on the instruction's tokens.
     """
+    if not isinstance(density, Tensor) or density.dim() != 1:
+        raise TypeError(f"density must be a 1-D tensor [N] from importance_density, got {density!r}")
+    if not bool(torch.isfinite(density).all()):
+        raise ValueError("density holds NaN or infinite values")
     if not isinstance(instruction_mask, Tensor) or instruction_mask.dtype != torch.bool:
         raise TypeError("instruction_mask must be a bool tensor marking the instruction's tokens")
     if instruction_mask.shape != density.shape:

@@ -23,13 +23,22 @@ from torchmetrics import Metric
 
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
+    check_model,
+    check_token_ids,
     evaluation_mode,
     logits_from_embeddings,
     model_device,
     next_token_logits,
     token_embeddings,
 )
-from lightning_bpfree.validation import check_choice, check_float, check_optional, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_optional,
+    check_positive_int,
+    check_seed,
+)
 
 
 def normalized_sufficiency(full_prob: Tensor, kept_prob: Tensor, empty_prob: Tensor) -> Tensor:
@@ -91,7 +100,7 @@ def masked_target_probability(
         mask = draws < keep.to(embeds.device).unsqueeze(-1)
     else:
         mask = (keep > 0).to(embeds.device).unsqueeze(-1).expand_as(embeds)
-    logits = logits_from_embeddings(model, embeds * mask)[:, -1]
+    logits = logits_from_embeddings(model, embeds * mask, "on the masked input embeddings")[:, -1]
     return torch.softmax(logits, -1).gather(-1, target_ids.view(-1, 1).to(logits.device)).squeeze(-1).cpu()
 
 
@@ -107,12 +116,11 @@ class _Faithfulness(Metric):
     ) -> None:
         super().__init__(**kwargs)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
-        if not callable(model):
-            raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
+        check_model(model)
         self.num_samples = check_positive_int("num_samples", num_samples)
         # Kept outside nn.Module registration: the metric's state_dict must not carry the model's weights.
         self.__dict__["_model"] = model
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(check_seed("seed", seed))
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("num_skipped", default=torch.tensor(0), dist_reduce_fx="sum")
@@ -130,6 +138,7 @@ class _Faithfulness(Metric):
         """
         ids, scores = _batched(input_ids, importance)
         model = self.__dict__["_model"]
+        check_token_ids(ids, model)
         with torch.no_grad(), evaluation_mode(model):
             ids = ids.to(model_device(model))
             full_logits = next_token_logits(model, ids)
@@ -253,7 +262,12 @@ class Comprehensiveness(_HardFaithfulness):
 
 
 def _batched(input_ids: Tensor, importance: Tensor) -> tuple[Tensor, Tensor]:
-    if not isinstance(input_ids, Tensor) or input_ids.is_floating_point():
+    if (
+        not isinstance(input_ids, Tensor)
+        or input_ids.is_floating_point()
+        or input_ids.is_complex()
+        or (input_ids.dtype == torch.bool)
+    ):
         raise TypeError("input_ids must be an integer tensor of token ids")
     if not isinstance(importance, Tensor):
         raise TypeError(f"importance must be a tensor, got {type(importance).__name__}")
@@ -276,6 +290,12 @@ def _targets(target_ids: Tensor | int | None, logits: Tensor) -> Tensor:
     batch, vocab = logits.shape
     if target_ids is None:
         return logits.argmax(-1)
+    if isinstance(target_ids, Tensor):
+        if target_ids.is_floating_point() or target_ids.is_complex() or target_ids.dtype == torch.bool:
+            raise TypeError(f"target_ids must hold integer token ids, got dtype {target_ids.dtype}")
+    else:
+        for target in target_ids if isinstance(target_ids, (list, tuple)) else [target_ids]:
+            check_int("target_ids", target)
     targets = torch.as_tensor(target_ids, dtype=torch.long, device=logits.device).reshape(-1)
     if targets.numel() == 1 and batch > 1:
         targets = targets.expand(batch)

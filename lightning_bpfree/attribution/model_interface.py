@@ -23,8 +23,51 @@ LanguageModel = Callable[..., Any]
 """A causal LM: called with ``input_ids`` (and, for gradient methods, ``inputs_embeds=``) it returns logits."""
 
 
-def as_token_sequence(input_ids: Tensor, name: str = "input_ids") -> Tensor:
-    """Validate one sequence of token ids and return it as int64 ``[N]`` (accepts ``[N]`` or ``[1, N]``)."""
+def check_model(model, name: str = "model") -> None:
+    """Refuse a ``model`` that cannot be called (a path, a config, None)."""
+    if not callable(model):
+        raise TypeError(f"{name} must be a callable causal LM (e.g. a transformers model), got {type(model).__name__}")
+
+
+def check_generator(generator, name: str = "generator") -> None:
+    """Refuse anything but ``None`` or a ``torch.Generator`` (an int seed is not one)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def vocabulary_size(model) -> int | None:
+    """Rows of the model's input embedding, else ``model.config.vocab_size``; None when neither is known."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            rows = getattr(getter(), "num_embeddings", None)
+        except (NotImplementedError, AttributeError):
+            rows = None
+        if isinstance(rows, int):
+            return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_token_ids(ids: Tensor, model=None, name: str = "input_ids") -> Tensor:
+    """Refuse negative ids, and ids at or beyond ``model``'s vocabulary when it is known; returns ``ids``."""
+    if ids.numel() == 0:
+        return ids
+    vocab = None if model is None else vocabulary_size(model)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        allowed = f"[0, {vocab})" if vocab is not None else ">= 0"
+        raise ValueError(
+            f"{name} must be token ids in {allowed} (the model's vocabulary), got ids from {low} to {high}"
+        )
+    return ids
+
+
+def as_token_sequence(input_ids: Tensor, name: str = "input_ids", model=None) -> Tensor:
+    """Validate one sequence of token ids and return it as int64 ``[N]`` (accepts ``[N]`` or ``[1, N]``).
+
+    With ``model``, the ids must also lie in its vocabulary (see :func:`check_token_ids`).
+    """
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -35,7 +78,21 @@ def as_token_sequence(input_ids: Tensor, name: str = "input_ids") -> Tensor:
         raise ValueError(f"{name} must be one sequence of shape [N] or [1, N], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"{name} must hold at least one token")
-    return input_ids.long()
+    return check_token_ids(input_ids.long(), model, name)
+
+
+def check_finite_logits(logits: Tensor, where: str) -> Tensor:
+    """Refuse NaN or ``+inf`` logits, and rows that are ``-inf`` throughout; returns ``logits``.
+
+    ``-inf`` for single tokens (ones the model rules out) is fine: softmax gives them probability 0.
+    ``where`` says which forward pass it was, for the message.
+    """
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | (logits.amax(-1) == float("-inf")).any()):
+        raise ValueError(
+            f"the model output (logits) holds NaN or infinite values {where}; an attribution of non-finite "
+            "predictions would be meaningless, so check the model (weights, dtype overflow) first"
+        )
+    return logits
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -56,8 +113,11 @@ def output_logits(output) -> Tensor:
     return logits
 
 
-def next_token_logits(model, input_ids: Tensor) -> Tensor:
-    """Logits of the token after each sequence: ``input_ids`` ``[B, T]`` -> float32 ``[B, V]``."""
+def next_token_logits(model, input_ids: Tensor, where: str = "on the input") -> Tensor:
+    """Logits of the token after each sequence: ``input_ids`` ``[B, T]`` -> float32 ``[B, V]``.
+
+    Raises ``ValueError`` on non-finite logits (see :func:`check_finite_logits`), naming ``where``.
+    """
     # Only the last position is needed; transformers models can skip the vocabulary projection elsewhere.
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     logits = output_logits(model(input_ids, **kwargs))
@@ -65,12 +125,12 @@ def next_token_logits(model, input_ids: Tensor) -> Tensor:
         logits = logits[:, -1]
     if logits.dim() != 2 or logits.shape[0] != input_ids.shape[0]:
         raise ValueError(f"expected logits [B, T, V] or [B, V] from the model, got {tuple(logits.shape)}")
-    return logits.float()
+    return check_finite_logits(logits.float(), where)
 
 
-def logits_from_embeddings(model, inputs_embeds: Tensor) -> Tensor:
-    """All-position logits from input embeddings ``[B, T, D]`` -> float32 ``[B, T, V]``."""
-    return output_logits(model(inputs_embeds=inputs_embeds)).float()
+def logits_from_embeddings(model, inputs_embeds: Tensor, where: str = "on the input embeddings") -> Tensor:
+    """All-position logits from input embeddings ``[B, T, D]`` -> float32 ``[B, T, V]``; non-finite ones raise."""
+    return check_finite_logits(output_logits(model(inputs_embeds=inputs_embeds)).float(), where)
 
 
 def embedding_layer(model) -> nn.Module:

@@ -31,12 +31,14 @@ from torch import Tensor
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
+    check_generator,
+    check_model,
     evaluation_mode,
     model_device,
     next_token_logits,
 )
-from lightning_bpfree.attribution.samplers import resolve_sampler
-from lightning_bpfree.validation import check_float, check_int, check_positive_int
+from lightning_bpfree.attribution.samplers import TokenSampler, resolve_sampler
+from lightning_bpfree.validation import check_bool, check_float, check_int, check_optional, check_positive_int
 
 # delta = +-1 would give an infinite logit; real probabilities never get that close.
 _LOGIT_CLAMP = 1e-6
@@ -121,25 +123,48 @@ def reagent_attribution(
     Returns:
         float32 ``[N]`` importances summing to 1 (or a ``ReAGentResult``).
     """
-    sequence = as_token_sequence(input_ids)
+    check_model(model)
+    sequence = as_token_sequence(input_ids, model=model)
     probing = _Probing(sequence.numel(), replacing_ratio, max_probe_steps, num_probes, keep_top_n, stopping_top_k)
+    check_optional(check_int, "target_id", target_id, low=0)
+    check_generator(generator)
+    check_bool("return_details", return_details)
     device = model_device(model)
     sequence = sequence.to(device)
     with torch.no_grad(), evaluation_mode(model):
-        logits = next_token_logits(model, sequence[None])[0]
+        logits = next_token_logits(model, sequence[None], "on the unperturbed input")[0]
         vocab = logits.shape[-1]
         if target_id is None:
             target = int(logits.argmax())
         else:
             target = check_int("target_id", target_id, low=0, high=vocab - 1)
         target_prob = float(torch.softmax(logits, -1)[target])
-        draw = resolve_sampler(sampler, vocab, exclude_ids)
+        draw = _checked_draws(resolve_sampler(sampler, vocab, exclude_ids), vocab)
         result = _run_probes(model, sequence, target, target_prob, draw, generator, probing)
     return result if return_details else result.importance
 
 
-def _target_prob(model, batch: Tensor, target: int) -> Tensor:
-    return torch.softmax(next_token_logits(model, batch), -1)[:, target].cpu()
+def _checked_draws(draw: TokenSampler, vocab: int) -> TokenSampler:
+    """``draw`` whose replacements are checked: int ``[B, N]`` like the probes, ids in ``[0, vocab)``."""
+
+    def checked(probes: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor:
+        drawn = draw(probes, mask, generator)
+        if not isinstance(drawn, Tensor) or drawn.is_floating_point() or drawn.shape != probes.shape:
+            raise ValueError(
+                f"sampler must return integer token ids of shape {tuple(probes.shape)}, got "
+                f"{tuple(drawn.shape) if isinstance(drawn, Tensor) else type(drawn).__name__}"
+            )
+        used = drawn[mask]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= vocab):
+            raise ValueError(f"sampler returned token ids outside the model's vocabulary [0, {vocab})")
+        return drawn.long()
+
+    return checked
+
+
+def _target_prob(model, batch: Tensor, target: int, step: int) -> Tensor:
+    logits = next_token_logits(model, batch, f"on the perturbed inputs of probe step {step}")
+    return torch.softmax(logits, -1)[:, target].cpu()
 
 
 def _run_probes(
@@ -150,14 +175,14 @@ def _run_probes(
     active = torch.ones(num_probes, dtype=torch.bool)
     steps = torch.zeros(num_probes, dtype=torch.long)
     forward_passes = 1
-    for _ in range(probing.max_probe_steps):
+    for step in range(probing.max_probe_steps):
         rows = active.nonzero().squeeze(1)
         probes = sequence.expand(rows.numel(), length)
         # Update: random replacements; the prediction's drop says which replaced tokens mattered.
         replace = torch.rand(rows.numel(), length, generator=generator) < probing.replacing_ratio
         replacements = draw(probes, replace.to(probes.device), generator)
         perturbed = torch.where(replace.to(probes.device), replacements, probes)
-        delta = target_prob - _target_prob(model, perturbed, target)
+        delta = target_prob - _target_prob(model, perturbed, target, step)
         signed = torch.where(replace, delta[:, None], -delta[:, None])
         scores[rows] += torch.logit((0.5 * signed + 0.5).clamp(_LOGIT_CLAMP, 1 - _LOGIT_CLAMP))
         steps[rows] += 1
@@ -166,7 +191,8 @@ def _run_probes(
         keep.scatter_(1, torch.topk(scores[rows], probing.keep_top_n, dim=1).indices, True)
         replacements = draw(probes, (~keep).to(probes.device), generator)
         kept_only = torch.where(keep.to(probes.device), probes, replacements)
-        top = torch.topk(next_token_logits(model, kept_only), probing.stopping_top_k, dim=-1).indices.cpu()
+        kept_logits = next_token_logits(model, kept_only, f"in the stopping test of probe step {step}")
+        top = torch.topk(kept_logits, probing.stopping_top_k, dim=-1).indices.cpu()
         forward_passes += 2 * rows.numel()
         active[rows[(top == target).any(-1)]] = False
         if not bool(active.any()):

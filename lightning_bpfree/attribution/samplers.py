@@ -22,7 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_bpfree.attribution.model_interface import LanguageModel, evaluation_mode, model_device, output_logits
+from lightning_bpfree.attribution.model_interface import (
+    LanguageModel,
+    check_finite_logits,
+    check_model,
+    evaluation_mode,
+    model_device,
+    output_logits,
+)
 from lightning_bpfree.validation import (
     check_float,
     check_int,
@@ -69,7 +76,10 @@ class FrequencyTokenSampler:
         self, corpus_ids: Tensor, vocab_size: int, exclude_ids: Sequence[int] = (), smoothing: float = 0.0
     ) -> None:
         allowed = _allowed_ids(vocab_size, exclude_ids)
-        flat = torch.as_tensor(corpus_ids).flatten().long()
+        flat = torch.as_tensor(corpus_ids).flatten()
+        if flat.is_floating_point() or flat.is_complex() or flat.dtype == torch.bool:
+            raise TypeError(f"corpus_ids must hold integer token ids, got dtype {flat.dtype}")
+        flat = flat.long()
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
             raise ValueError(f"corpus_ids must be token ids in [0, {vocab_size})")
         check_nonnegative_float("smoothing", smoothing)
@@ -112,6 +122,7 @@ class LanguageModelTokenSampler:
         exclude_ids: Sequence[int] = (),
         top_k: int | None = None,
     ) -> None:
+        check_model(proposal_model, "proposal_model")
         self.model = proposal_model
         # an infinite temperature is allowed: it flattens the proposals to uniform
         self.temperature = check_float("temperature", temperature, low=0.0, low_open=True, allow_inf=True)
@@ -124,7 +135,8 @@ class LanguageModelTokenSampler:
         if self._cached is not None and torch.equal(self._cached[0], sequence):
             return self._cached[1]
         with torch.no_grad(), evaluation_mode(self.model):
-            logits = output_logits(self.model(sequence[None].to(model_device(self.model))))[0].float().cpu()
+            output = output_logits(self.model(sequence[None].to(model_device(self.model))))
+            logits = check_finite_logits(output[0].float(), "in LanguageModelTokenSampler's proposals").cpu()
         logits = logits / self.temperature
         if self.exclude_ids:
             logits[:, self.exclude_ids] = float("-inf")

@@ -201,6 +201,13 @@ def diffu_grpo_loss(
         response_mask: (batch, length) bool, the tokens that count.
     """
     check_clip(clip_eps, dual_clip)
+    for name, value in (("logprobs_new", logprobs_new), ("logprobs_old", logprobs_old), ("advantages", advantages)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}")
+    if not isinstance(response_mask, Tensor) or response_mask.dtype != torch.bool:
+        raise TypeError(
+            f"response_mask must be a bool torch.Tensor, got {getattr(response_mask, 'dtype', response_mask)}"
+        )
     if logprobs_new.shape != logprobs_old.shape or logprobs_new.shape != response_mask.shape:
         raise ValueError("logprobs_new, logprobs_old and response_mask must have the same (batch, length) shape")
     if advantages.shape != logprobs_new.shape[:1]:

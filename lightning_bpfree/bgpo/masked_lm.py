@@ -16,11 +16,13 @@ Plain PyTorch; no Lightning import.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_bpfree.validation import check_int
+from lightning_bpfree.validation import check_int, check_nonnegative_float, check_positive_int
 
 
 class MaskedDiffusionLM(nn.Module):
@@ -45,9 +47,11 @@ class MaskedDiffusionLM(nn.Module):
             raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary (size {vocab_size})")
         self.encoder = encoder
         self.mask_token_id = mask_token_id
+        self.vocab_size: int | None = vocab_size  # None when the encoder does not say (ids then unchecked)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits (B, T, V) of the encoder on ``input_ids`` (B, T)."""
+        check_token_ids("input_ids", input_ids, self.vocab_size)
         return self.encoder(input_ids=input_ids).logits
 
     # ------------------------------------------------------------------ forward process
@@ -150,15 +154,15 @@ class MaskedDiffusionLM(nn.Module):
         evenly so that all ``response_length`` tokens are committed after the last step.
         The mask token and ``suppress_token_ids`` are never sampled.
         """
-        if prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids must be (batch, prompt_length), got shape {tuple(prompt_ids.shape)}")
-        if response_length < 1:
-            raise ValueError(f"response_length must be >= 1, got {response_length}")
+        if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2:
+            shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids).__name__
+            raise ValueError(f"prompt_ids must be a (batch, prompt_length) tensor, got {shape}")
+        check_token_ids("prompt_ids", prompt_ids, self.vocab_size)
+        check_positive_int("response_length", response_length)
         steps = response_length if steps is None else steps
-        if not 1 <= steps <= response_length:
-            raise ValueError(f"steps must be in [1, response_length={response_length}], got {steps}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_int("steps", steps, low=1, high=response_length)
+        check_nonnegative_float("temperature", temperature)
+        suppress_token_ids = check_token_ids("suppress_token_ids", suppress_token_ids, self.vocab_size)
         batch, prompt_length = prompt_ids.shape
         device = prompt_ids.device
         response = torch.full((batch, response_length), self.mask_token_id, dtype=prompt_ids.dtype, device=device)
@@ -185,9 +189,29 @@ class MaskedDiffusionLM(nn.Module):
         return response
 
 
+def check_token_ids(name: str, ids: Tensor | Sequence[int], vocab_size: int | None) -> Tensor | tuple[int, ...]:
+    """Refuse token ids that are not integers in ``[0, vocab_size)`` (the embedding would fail with
+    "index out of range in self"). A tensor is returned as is, a sequence as a tuple of ints."""
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        values = ids
+    else:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"{name} must be a sequence of token ids, got {ids!r}")
+        ids = tuple(check_int(f"{name}[{i}]", token) for i, token in enumerate(ids))
+        values = torch.tensor(ids, dtype=torch.long)
+    high = vocab_size if vocab_size is not None else None
+    if values.numel() and (bool((values < 0).any()) or (high is not None and bool((values >= high).any()))):
+        limit = f"[0, {high})" if high is not None else ">= 0"
+        raise ValueError(f"{name} must be token ids in {limit}, got min {int(values.min())} max {int(values.max())}")
+    return ids
+
+
 def _check_batch(input_ids: Tensor, response_mask: Tensor) -> None:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}")
     if response_mask.shape != input_ids.shape or response_mask.dtype != torch.bool:
         raise ValueError(
             f"response_mask must be a bool tensor of shape {tuple(input_ids.shape)}, "

@@ -21,8 +21,16 @@ from lightning_bpfree.bgpo.losses import (
     prepare_policy_batch,
     sft_loss,
 )
-from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
-from lightning_bpfree.validation import check_choice, check_int, check_positive_float, check_positive_int
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, check_token_ids
+from lightning_bpfree.validation import (
+    check_choice,
+    check_int,
+    check_nonnegative_float,
+    check_optional,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+)
 
 RewardFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -67,7 +75,12 @@ class BGPO(L.LightningModule):
         prompt_mask_prob: d1's prompt masking probability (``diffu-grpo`` only).
 
     Logged: ``train/reward`` (mean reward of the rollouts), ``train/loss``, ``train/clip_fraction``,
-    ``train/log_ratio``; every step's figures are also appended to :attr:`history`.
+    ``train/log_ratio`` and ``train/skipped_steps``; every step's figures are also appended to
+    :attr:`history`.
+
+    Non-finite rewards: a batch with a NaN or infinite reward (or advantage) is skipped: no weight
+    or optimizer state changes, its optimizer steps still count in ``global_step``, and
+    :attr:`skipped_steps` (the number of skipped batches, logged as ``train/skipped_steps``) grows by one.
     """
 
     def __init__(
@@ -101,6 +114,12 @@ class BGPO(L.LightningModule):
         check_positive_int("updates_per_batch", updates_per_batch)
         check_clip(clip_eps, dual_clip)
         check_positive_float("lr", lr)
+        check_nonnegative_float("weight_decay", weight_decay)
+        check_optional(check_positive_float, "max_grad_norm", max_grad_norm)
+        check_optional(check_int, "sampling_steps", sampling_steps, low=1, high=response_length)
+        check_nonnegative_float("temperature", temperature)
+        check_probability("prompt_mask_prob", prompt_mask_prob, include_one=False)
+        suppress_token_ids = check_token_ids("suppress_token_ids", suppress_token_ids, policy.vocab_size)
         self.automatic_optimization = False
         self.policy = policy
         self.reward_fn = reward_fn
@@ -117,6 +136,7 @@ class BGPO(L.LightningModule):
         self.suppress_token_ids = tuple(suppress_token_ids)
         self.prompt_mask_prob = prompt_mask_prob
         self.history: list[dict[str, float]] = []
+        self.skipped_steps = 0  # batches whose rewards or advantages were not finite (no weight moved)
 
     @torch.no_grad()
     def rollout(self, prompts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,6 +159,10 @@ class BGPO(L.LightningModule):
         prompts = _prompts_of(batch)
         input_ids, response_mask, rewards = self.rollout(prompts)
         advantages = group_relative_advantages(rewards, self.group_size)
+        optimizer = self.optimizers()
+        if not bool(torch.isfinite(rewards).all() & torch.isfinite(advantages).all()):
+            self._skip_batch(optimizer, rewards, prompts.shape[0])
+            return
         policy_batch = prepare_policy_batch(
             self.policy,
             input_ids,
@@ -148,7 +172,6 @@ class BGPO(L.LightningModule):
             num_mc_samples=self.num_mc_samples,
             prompt_mask_prob=self.prompt_mask_prob,
         )
-        optimizer = self.optimizers()
         for _ in range(self.updates_per_batch):
             optimizer.zero_grad()
             stats = accumulate_policy_gradient(
@@ -158,9 +181,29 @@ class BGPO(L.LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
         figures = {"reward": rewards.mean().item(), **stats}
-        self.history.append({"step": float(self.global_step), **figures})
+        self.history.append({"step": float(self.global_step), **figures, "skipped_steps": float(self.skipped_steps)})
         self.log("train/reward", figures["reward"], prog_bar=True, batch_size=prompts.shape[0])
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=prompts.shape[0])
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=prompts.shape[0])
+
+    def _skip_batch(self, optimizer: Any, rewards: Tensor, num_prompts: int) -> None:
+        """A batch with a NaN or infinite reward (or advantage) moves no weight, but its steps still count.
+
+        One NaN reward would make every advantage of its group NaN and, through the loss, every weight
+        NaN after one step. The optimizer is stepped with no gradient at all (AdamW skips a parameter
+        whose ``.grad`` is None: weights and optimizer state stay bitwise unchanged), so ``global_step``
+        advances as for any batch and ``max_steps`` still ends the run.
+        """
+        self.skipped_steps += 1
+        for _ in range(self.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+        finite = rewards[torch.isfinite(rewards)]
+        reward = finite.mean().item() if finite.numel() else float("nan")
+        self.history.append(
+            {"step": float(self.global_step), "reward": reward, "skipped_steps": float(self.skipped_steps)}
+        )
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=num_prompts)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -179,6 +222,7 @@ class MaskedDiffusionSFT(L.LightningModule):
         if not isinstance(policy, MaskedDiffusionLM):
             raise TypeError(f"policy must be a MaskedDiffusionLM, got {type(policy).__name__}")
         check_positive_float("lr", lr)
+        check_nonnegative_float("weight_decay", weight_decay)
         self.policy = policy
         self.lr, self.weight_decay = lr, weight_decay
 

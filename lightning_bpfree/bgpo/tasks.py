@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, tiny_diffusion_lm
-from lightning_bpfree.validation import check_float, check_int
+from lightning_bpfree.validation import check_float, check_int, check_seed
 
 
 class AdditionTask:
@@ -33,6 +33,7 @@ class AdditionTask:
     def __init__(self, num_digits: int = 2, held_out_fraction: float = 0.2, seed: int = 0) -> None:
         check_int("num_digits", num_digits, low=1, high=4)
         check_float("held_out_fraction", held_out_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_seed("seed", seed)
         self.num_digits = num_digits
         self.prompt_length = 2 * num_digits + 2
         self.response_length = num_digits + 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -172,7 +173,10 @@ class AdjointSampler(nn.Module):
     gives (on a private copy; the scheduler passed in is not modified), then to the scheduler's final
     noise level (``final_alpha_cumprod`` when it has one, else noise-free). With ``method="euler"`` the
     result equals diffusers' DDIM sampling with ``eta=0`` (without ``clip_sample`` / thresholding, which
-    are not part of the ODE).
+    are not part of the ODE). Any other scheduler class, and ``clip_sample=True`` or
+    ``thresholding=True``, get a ``UserWarning`` at construction saying so (see
+    :func:`warn_about_scheduler`); ``x_T`` is checked against the UNet before it runs
+    (:func:`check_noise_input`).
 
     Backward: with ``adjoint=True`` gradients of any loss on ``x_0`` reach ``x_T``, the conditioning and
     the UNet parameters that require grad, through ``torchdiffeq.odeint_adjoint`` with explicit
@@ -239,6 +243,7 @@ class AdjointSampler(nn.Module):
             )
         self.register_buffer("rho_grid", rho_grid, persistent=False)
         self.counter = {"evaluations": 0}
+        warn_about_scheduler(scheduler, self.method)
 
     @staticmethod
     def _timestep_grid(scheduler: Any, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,8 +280,7 @@ class AdjointSampler(nn.Module):
         negative_encoder_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample ``x_0`` (``[B, C, H, W]``) from ``x_T`` (``[B, C, H, W]``)."""
-        if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
-            raise TypeError("x_T must be a floating-point tensor [B, C, H, W]")
+        check_noise_input(x_T, self.unet)
         guided = self.guidance_scale != 1.0
         if guided and (encoder_hidden_states is None or negative_encoder_hidden_states is None):
             raise ValueError(
@@ -312,6 +316,69 @@ class AdjointSampler(nn.Module):
             f"num_steps={self.num_steps}, method={self.method!r}, adjoint={self.adjoint}, "
             f"guidance_scale={self.guidance_scale}, scheduler={self.scheduler_name}"
         )
+
+
+def warn_about_scheduler(scheduler: Any, method: str) -> None:
+    """Say what :class:`AdjointSampler` integrates when it is not the scheduler's own sampling loop.
+
+    Only the scheduler's ``alphas_cumprod``, timesteps and ``prediction_type`` are used: the sampler
+    integrates the probability-flow ODE on them, which with ``method="euler"`` is exactly DDIM with
+    ``eta=0``. Any other scheduler class (DDPM, Euler, LMS, DPM-Solver with or without Karras sigmas,
+    ...) is therefore not reproduced, and ``clip_sample`` / ``thresholding`` (not part of the ODE) are
+    never applied: each gets a ``UserWarning`` here rather than a silently different result.
+    """
+    name = type(scheduler).__name__
+    is_ddim = any(cls.__name__ == "DDIMScheduler" for cls in type(scheduler).__mro__)
+    solver = "DDIM with eta=0" if method == "euler" else f"its {method!r} discretisation"
+    if not is_ddim:
+        warnings.warn(
+            f"AdjointSampler does not reproduce {name}'s own update: it integrates the probability-flow ODE "
+            f"on {name}'s alphas_cumprod at its timesteps ({solver}), so samples differ from {name}'s "
+            "sampling loop; pass a DDIMScheduler to make this explicit",
+            UserWarning,
+            stacklevel=3,
+        )
+    config = getattr(scheduler, "config", None)
+    for option in ("clip_sample", "thresholding"):
+        if getattr(config, option, False) is True:
+            warnings.warn(
+                f"{name}({option}=True) is not applied by AdjointSampler: the probability-flow ODE has no "
+                f"{option.replace('_', ' ')} step; pass {option}=False to silence this",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def check_noise_input(x_T: Any, unet: nn.Module) -> None:
+    """Refuse an ``x_T`` the UNet cannot take, naming ``x_T``, before the UNet fails deep inside.
+
+    Checks a floating-point ``[B, C, H, W]`` tensor with ``B >= 1``, the dtype of the UNet's parameters,
+    ``C == unet.config.in_channels`` and ``H``, ``W`` divisible by the UNet's down-sampling factor
+    ``2 ** (len(block_out_channels) - 1)`` (what a diffusers UNet needs; its ``sample_size`` is only the
+    training size). Checks that need a diffusers ``config`` are skipped for other modules.
+    """
+    if not isinstance(x_T, torch.Tensor):
+        raise TypeError(f"x_T must be a floating-point tensor [B, C, H, W], got {type(x_T).__name__}")
+    if not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating-point tensor [B, C, H, W], got dtype {x_T.dtype}")
+    if x_T.ndim != 4 or x_T.shape[0] == 0:
+        raise ValueError(f"x_T must be [B, C, H, W] with B >= 1, got shape {tuple(x_T.shape)}")
+    weight = next(unet.parameters(), None)
+    if weight is not None and weight.is_floating_point() and weight.dtype != x_T.dtype:
+        raise TypeError(f"x_T has dtype {x_T.dtype} but the unet's parameters are {weight.dtype}")
+    config = getattr(unet, "config", None)
+    channels = getattr(config, "in_channels", None)
+    if isinstance(channels, int) and x_T.shape[1] != channels:
+        raise ValueError(f"x_T has {x_T.shape[1]} channels but the unet takes in_channels={channels}")
+    blocks = getattr(config, "block_out_channels", None)
+    if blocks:
+        factor = 2 ** (len(blocks) - 1)
+        if x_T.shape[2] % factor or x_T.shape[3] % factor:
+            raise ValueError(
+                f"x_T's height and width {tuple(x_T.shape[2:])} must be multiples of {factor} "
+                f"(the unet down-samples {len(blocks) - 1} times; it was trained at sample_size="
+                f"{getattr(config, 'sample_size', None)})"
+            )
 
 
 class _GridConstructor:

@@ -181,12 +181,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1 per configuration")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 10 25 50 100)")
-    parser.add_argument("--batch", type=int, default=None, help="samples per gradient (default 4, quick 2)")
+    parser.add_argument("--steps", type=benchmarking.positive_int, nargs="+", default=None, help="step counts (default 10 25 50 100)")
+    parser.add_argument("--batch", type=benchmarking.positive_int, default=None, help="samples per gradient (default 4, quick 2)")
     args = parser.parse_args(argv)
     steps = args.steps or ([4, 8] if args.quick else [10, 25, 50, 100])
-    if any(n < 1 for n in steps):
-        parser.error("--steps must all be >= 1")
     batch = args.batch or (2 if args.quick else 4)
     threads = benchmarking.torch_threads(args.threads, default=1)
     rows = run(sorted(set(steps)), batch, args.seed, args.quick, threads)

@@ -18,14 +18,16 @@ from lightning_bpfree.diffusion.adjoint import AdjointSampler
 from lightning_bpfree.diffusion.targets import (
     TARGETS,
     ParameterFilter,
+    check_finite_float_tensor,
     expand_to_batch,
     objective_loss,
+    parameter_selector,
     sample_shape_of,
     seeded_noise,
     select_trainable_weights,
     token_positions,
 )
-from lightning_bpfree.validation import check_choice, check_positive_float, check_positive_int
+from lightning_bpfree.validation import check_choice, check_int, check_positive_float, check_positive_int
 
 
 class AdjointDPMCustomization(pl.LightningModule):
@@ -106,6 +108,19 @@ class AdjointDPMCustomization(pl.LightningModule):
             raise ValueError("parameter_filter only applies to target='weights'")
         if noise is not None and target != "noise":
             raise ValueError("noise only applies to target='noise'; target='weights' draws fresh noise each step")
+        # seed * 1_000_003 + step must stay a valid torch seed (< 2**64)
+        check_int("seed", seed, low=0, high=2**32 - 1)
+        for name, tensor in (
+            ("noise", noise),
+            ("conditioning", conditioning),
+            ("negative_conditioning", negative_conditioning),
+        ):
+            check_finite_float_tensor(name, tensor)
+        if target == "conditioning" and conditioning.ndim != 3:
+            raise ValueError(f"conditioning must be [B, L, D], got shape {tuple(conditioning.shape)}")
+        if trainable_tokens is not None:
+            token_positions(trainable_tokens, conditioning.shape[1])
+        parameter_selector(parameter_filter)
         self.save_hyperparameters(
             ignore=["unet", "scheduler", "objective", "noise", "conditioning", "negative_conditioning"]
         )
@@ -116,6 +131,7 @@ class AdjointDPMCustomization(pl.LightningModule):
             self._objective_fn = objective
         self.seed = seed
         self.sample_shape = sample_shape_of(unet, sample_shape, noise)
+        # the only change to the caller's UNet, made once everything else has been checked
         select_trainable_weights(unet, parameter_filter, train=target == "weights")
 
         self.register_buffer("negative_conditioning", negative_conditioning, persistent=False)
@@ -130,8 +146,6 @@ class AdjointDPMCustomization(pl.LightningModule):
             self.noise = nn.Parameter(noise.detach().clone())
 
     def _init_conditioning(self, conditioning: torch.Tensor, trainable_tokens: Sequence[int] | None) -> None:
-        if conditioning.ndim != 3:
-            raise ValueError(f"conditioning must be [B, L, D], got shape {tuple(conditioning.shape)}")
         if trainable_tokens is None:
             self.register_buffer("conditioning", None, persistent=False)
             self.token_embeddings = nn.Parameter(conditioning.detach().clone())

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_bpfree.validation import check_positive_int
+
 TARGETS = ("weights", "conditioning", "noise")
 
 ParameterFilter = str | Callable[[str], bool] | None
@@ -54,13 +56,13 @@ def select_trainable_weights(unet: nn.Module, parameter_filter: ParameterFilter,
         ValueError: ``train`` is True and the filter selects no parameter.
     """
     select = parameter_selector(parameter_filter)
-    trainable = 0
-    for name, param in unet.named_parameters():
-        train_it = train and select(name)
-        param.requires_grad_(train_it)
-        trainable += int(train_it)
+    # decide every flag first: a filter that matches nothing must leave the caller's UNet untouched
+    chosen = [(param, train and bool(select(name))) for name, param in unet.named_parameters()]
+    trainable = sum(train_it for _, train_it in chosen)
     if train and trainable == 0:
         raise ValueError(f"parameter_filter={parameter_filter!r} matches no parameter of the unet")
+    for param, train_it in chosen:
+        param.requires_grad_(train_it)
     return trainable
 
 
@@ -73,7 +75,9 @@ def sample_shape_of(
             raise ValueError(f"noise must be [B, C, H, W], got shape {tuple(noise.shape)}")
         return tuple(noise.shape[1:])
     if sample_shape is not None:
-        return tuple(int(s) for s in sample_shape)
+        if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence) or len(sample_shape) != 3:
+            raise ValueError(f"sample_shape must be (C, H, W), got {sample_shape!r}")
+        return tuple(check_positive_int(f"sample_shape[{i}]", s) for i, s in enumerate(sample_shape))
     config = getattr(unet, "config", None)
     size = getattr(config, "sample_size", None)
     channels = getattr(config, "in_channels", None)
@@ -81,6 +85,18 @@ def sample_shape_of(
         raise ValueError("sample_shape=(C, H, W) is required when the unet has no config.sample_size")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return (int(channels), int(height), int(width))
+
+
+def check_finite_float_tensor(name: str, tensor: torch.Tensor | None) -> None:
+    """Refuse (naming ``name``) a value that is not a floating-point tensor or holds NaN / inf; None passes."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        kind = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise ValueError(f"{name} holds {int((~finite).sum())} non-finite value(s) (NaN or inf)")
 
 
 def seeded_noise(batch_size: int, sample_shape: Sequence[int], seed: int) -> torch.Tensor:

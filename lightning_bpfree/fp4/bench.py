@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=CONFIGS,
         help="configurations to train (default: all; --quick: fp32, nvfp4, mxfp4)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
+    parser.add_argument("--steps", type=benchmarking.positive_int, default=None, help="optimizer steps per configuration")
     parser.add_argument("--skip-speed", action="store_true", help="only the training sweep")
     args = parser.parse_args(argv)
     threads = benchmarking.torch_threads(args.threads)

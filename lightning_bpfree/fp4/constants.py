@@ -19,7 +19,7 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 UE4M3_MAX = 448.0  # FP8 E4M3 without its sign: 1.75 * 2**8
 UE5M3_MAX = 61440.0  # 1.875 * 2**15, the top exponent reserved as in IEEE formats
 E8M0_BIAS = 127
-E8M0_MAX = 2.0**E8M0_BIAS  # code 254; 255 is NaN and never produced
+E8M0_MAX = 2.0**E8M0_BIAS  # code 254; 255 is NaN (the scale of a block holding NaN or Inf)
 SCALE_RULES = ("chain", "mx_floor", "mx_ceil")
 """How a block scale is chosen (see ``FP4Format``)."""
 

@@ -11,7 +11,7 @@ layers share the old parameter objects.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
@@ -90,7 +90,8 @@ class KeepHighPrecision:
     """Which linear layers stay high precision besides output heads and embedding-tied weights.
 
     Args:
-        patterns: name patterns (see ``matches_pattern``); a single string is one pattern.
+        patterns: name patterns (see ``matches_pattern``); a single string is one pattern, ``None`` (like
+            ``()``) keeps no layer by name.
         first_n: keep every linear of the first N blocks.
         last_n: keep every linear of the last N blocks.
     """
@@ -100,7 +101,17 @@ class KeepHighPrecision:
     last_n: int = 0
 
     def __post_init__(self) -> None:
-        patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
+        patterns = self.patterns
+        if patterns is None:
+            patterns = ()
+        elif isinstance(patterns, str):
+            patterns = (patterns,)
+        elif not isinstance(patterns, Iterable):
+            raise TypeError(f"keep_high_precision must be a name pattern, a sequence of them or None, got {patterns!r}")
+        patterns = tuple(patterns)
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise TypeError(f"keep_high_precision patterns must be strings, got {pattern!r} in {patterns!r}")
         object.__setattr__(self, "patterns", patterns)
         check_int("high_precision_first_n", self.first_n, low=0)
         check_int("high_precision_last_n", self.last_n, low=0)
@@ -158,7 +169,7 @@ def convert_to_fp4(
     module: nn.Module,
     recipe: FP4Recipe | None = None,
     *,
-    keep_high_precision: Sequence[str] = ("lm_head",),
+    keep_high_precision: Sequence[str] | str | None = ("lm_head",),
     high_precision_first_n: int = 0,
     high_precision_last_n: int = 0,
     compute_dtype: torch.dtype = torch.float32,
@@ -169,7 +180,8 @@ def convert_to_fp4(
     Args:
         module: the model (modified in place).
         recipe: the ``FP4Recipe`` of the new layers (default NVFP4).
-        keep_high_precision: name patterns (see ``matches_pattern``) of layers to keep.
+        keep_high_precision: name patterns (see ``matches_pattern``) of layers to keep; ``None`` keeps none
+            by name.
         high_precision_first_n: keep every linear of the first N blocks.
         high_precision_last_n: keep every linear of the last N blocks.
         compute_dtype: GEMM dtype of the FP4 layers.
@@ -178,6 +190,8 @@ def convert_to_fp4(
     Returns:
         a ``ConversionReport``.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     recipe = check_recipe(recipe)
     keep = KeepHighPrecision(keep_high_precision, high_precision_first_n, high_precision_last_n)
     check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)

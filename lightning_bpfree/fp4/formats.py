@@ -54,6 +54,9 @@ class ScaleFormat:
         max_value: largest finite value; block scales saturate there.
         subnormals: whether exponent field 0 encodes subnormals (and zero). E8M0 has neither: its
             code ``e`` is exactly ``2**(e - bias)``.
+
+    The all-ones code (``nan_code``: 0x7F for UE4M3, 0xFF for UE5M3 and E8M0) is NaN, as in FP8 E4M3
+    and the OCP E8M0 scale; ``max_value`` must lie below it. A block whose scale is NaN reads back NaN.
     """
 
     name: str
@@ -66,6 +69,17 @@ class ScaleFormat:
     def __post_init__(self) -> None:
         if self.exponent_bits + self.mantissa_bits > 8:
             raise ValueError(f"scale format {self.name!r} must fit in 8 bits")
+        all_ones = (2.0 - 2.0**-self.mantissa_bits) * 2.0 ** ((1 << self.exponent_bits) - 1 - self.bias)
+        if not self.max_value < all_ones:
+            raise ValueError(
+                f"max_value of scale format {self.name!r} must lie below its all-ones (NaN) code's value "
+                f"{all_ones:g}, got {self.max_value:g}"
+            )
+
+    @property
+    def nan_code(self) -> int:
+        """The NaN code: every bit of the format set."""
+        return (1 << (self.exponent_bits + self.mantissa_bits)) - 1
 
     @property
     def min_normal_exponent(self) -> int:
@@ -78,7 +92,8 @@ class ScaleFormat:
     def round(self, value: torch.Tensor) -> torch.Tensor:
         """Round non-negative float32 ``value`` to this format (half to even), saturating at ``max_value``.
 
-        Values below half the smallest subnormal round to 0 (there is no lower clamp).
+        Values below half the smallest subnormal round to 0 (there is no lower clamp); ``+inf`` saturates to
+        ``max_value`` and NaN stays NaN.
         """
         value = torch.clamp(value.float(), max=self.max_value)
         exponent = torch.clamp(floor_log2(value), min=self.min_normal_exponent)
@@ -87,27 +102,30 @@ class ScaleFormat:
         return torch.clamp(torch.round(value / ulp) * ulp, max=self.max_value)
 
     def encode(self, value: torch.Tensor) -> torch.Tensor:
-        """Bit codes (uint8) of ``value``, which must already be representable (the output of ``round``)."""
+        """Bit codes (uint8) of ``value``, which must already be representable (the output of ``round``); NaN
+        gives ``nan_code``."""
         value = value.float()
+        nan = torch.isnan(value)
+        value = torch.where(nan, torch.zeros_like(value), value)
         exponent = torch.clamp(floor_log2(value), min=self.min_normal_exponent)
         normal = value >= 2.0**self.min_normal_exponent
         exponent_field = torch.where(normal, exponent + self.bias, torch.zeros_like(exponent))
         unit = torch.ldexp(torch.ones_like(value), exponent - self.mantissa_bits)
         mantissa = torch.round(value / unit).to(torch.int32)
         mantissa = torch.where(normal, mantissa - (1 << self.mantissa_bits), mantissa)
-        return ((exponent_field << self.mantissa_bits) | mantissa).to(torch.uint8)
+        bits = (exponent_field << self.mantissa_bits) | mantissa
+        return torch.where(nan, torch.full_like(bits, self.nan_code), bits).to(torch.uint8)
 
     def decode(self, bits: torch.Tensor) -> torch.Tensor:
-        """Float32 values of uint8 codes ``bits``."""
+        """Float32 values of uint8 codes ``bits`` (``nan_code`` decodes to NaN)."""
         bits = bits.to(torch.int32)
         exponent_field = bits >> self.mantissa_bits
         mantissa = (bits & ((1 << self.mantissa_bits) - 1)).float()
         one = torch.ones_like(mantissa)
-        if not self.subnormals:
-            return torch.ldexp(one + mantissa / 2**self.mantissa_bits, exponent_field - self.bias)
-        normal = torch.ldexp(one + mantissa / 2**self.mantissa_bits, exponent_field - self.bias)
-        subnormal = mantissa * self.smallest_subnormal
-        return torch.where(exponent_field > 0, normal, subnormal)
+        values = torch.ldexp(one + mantissa / 2**self.mantissa_bits, exponent_field - self.bias)
+        if self.subnormals:
+            values = torch.where(exponent_field > 0, values, mantissa * self.smallest_subnormal)
+        return torch.where(bits == self.nan_code, torch.full_like(values, float("nan")), values)
 
 
 UE4M3 = ScaleFormat("ue4m3", exponent_bits=4, mantissa_bits=3, bias=7, max_value=UE4M3_MAX)
@@ -116,7 +134,7 @@ UE5M3 = ScaleFormat("ue5m3", exponent_bits=5, mantissa_bits=3, bias=15, max_valu
 """Unsigned E5M3 with IEEE-style reserved top exponent: max 61440 = 1.875 * 2^15, min normal 2^-14,
 smallest subnormal 2^-17 (the Graphcore numerics). Pass another ``ScaleFormat`` for the 114688 variant."""
 E8M0 = ScaleFormat("e8m0", exponent_bits=8, mantissa_bits=0, bias=E8M0_BIAS, max_value=E8M0_MAX, subnormals=False)
-"""The OCP MX shared scale: a power of two 2^-127 .. 2^127 (code 255 is NaN and never produced)."""
+"""The OCP MX shared scale: a power of two 2^-127 .. 2^127; code 255 is NaN (a block holding NaN or Inf)."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lightning_bpfree.fp4.constants import WGRAD_SIGNS
+from lightning_bpfree.fp4.quantize import check_float_tensor
 
 
 def sylvester_hadamard(size: int) -> torch.Tensor:
@@ -28,10 +29,15 @@ def hadamard_matrix(
     signs: tuple[int, ...] | torch.Tensor = WGRAD_SIGNS, dtype: torch.dtype = torch.float32, device=None
 ) -> torch.Tensor:
     """Orthogonal ``n x n`` matrix ``diag(signs) @ H_n / sqrt(n)`` with ``n = len(signs)``."""
-    signs = torch.as_tensor(signs, dtype=torch.float32)
+    try:
+        signs = torch.as_tensor(signs, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"signs must be a 1-D sequence of +1/-1, got {signs!r}") from error
     if signs.ndim != 1 or not bool(((signs == 1) | (signs == -1)).all()):
         raise ValueError(f"signs must be a 1-D sequence of +1/-1, got {signs.tolist()}")
     size = signs.numel()
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"signs must have a power-of-two length, got {size}")
     matrix = signs[:, None] * sylvester_hadamard(size) / size**0.5
     return matrix.to(dtype=dtype, device=device)
 
@@ -50,8 +56,19 @@ def random_hadamard_transform(
             and returned as float32; ``None`` keeps float32.
 
     Returns:
-        float32 tensor of ``x``'s shape.
+        float32 tensor of ``x``'s shape. A NaN or inf element makes its whole chunk of ``len(signs)``
+        outputs non-finite (every output mixes every input of its chunk); other chunks are unaffected.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, or ``output_dtype`` is not a floating-point dtype.
+        ValueError: ``x`` is 0-d, its last dimension is not a multiple of ``len(signs)``, or ``signs`` is
+            not a 1-D sequence of +-1 of power-of-two length.
     """
+    check_float_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if output_dtype is not None and not (isinstance(output_dtype, torch.dtype) and output_dtype.is_floating_point):
+        raise TypeError(f"output_dtype must be a floating-point torch.dtype or None, got {output_dtype!r}")
     matrix = hadamard_matrix(signs, device=x.device)
     size = matrix.shape[0]
     if x.shape[-1] % size:

@@ -24,9 +24,16 @@ from torch import nn
 from lightning_bpfree.fp4.constants import COMPUTE_DTYPES, WGRAD_OPERANDS, WGRAD_SIGNS
 from lightning_bpfree.fp4.formats import get_format
 from lightning_bpfree.fp4.hadamard import random_hadamard_transform
-from lightning_bpfree.fp4.quantize import QuantizedTensor, dequantize, fake_quantize, quantize
+from lightning_bpfree.fp4.quantize import (
+    QuantizedTensor,
+    check_float_tensor,
+    check_generator,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec, check_recipe
-from lightning_bpfree.validation import check_choice, check_seed
+from lightning_bpfree.validation import check_bool, check_choice, check_positive_int, check_seed
 
 
 def _quantizer_kwargs(spec: OperandSpec, generator: torch.Generator | None) -> dict:
@@ -160,8 +167,17 @@ def fp4_linear(
     """
     recipe = check_recipe(recipe)
     check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    check_generator(generator)
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight)
+    if bias is not None:
+        check_float_tensor("bias", bias)
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty tensor [..., in_features], got shape {tuple(x.shape)}")
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
     check_linear_shape(weight.shape[1], weight.shape[0], recipe)
     return FP4LinearFunction.apply(x, weight, bias, recipe, generator, compute_dtype)
 
@@ -197,6 +213,9 @@ class FP4Linear(nn.Linear):
     ) -> None:
         # checked before nn.Linear allocates the weight
         recipe = check_recipe(recipe)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_bool("bias", bias)
         check_linear_shape(in_features, out_features, recipe)
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
         seed = check_seed("seed", seed)

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_bpfree.fp4.constants import BACKENDS, COMPUTE_DTYPES, GEMMS, NVFP4_CAPABILITIES, OPERANDS
 from lightning_bpfree.fp4.convert import ConversionReport, KeepHighPrecision, convert_to_fp4, fp4_layers
-from lightning_bpfree.fp4.recipe import FP4Recipe, check_recipe
+from lightning_bpfree.fp4.recipe import FP4Recipe, check_names, check_recipe
 from lightning_bpfree.fp4.transformer_engine import (
     convert_to_transformer_engine,
     nvfp4_hardware_available,
@@ -52,8 +52,9 @@ class FP4Precision(Precision):
 
     Args:
         recipe: an ``FP4Recipe`` or a preset name (``"nvfp4"``, ``"mxfp4"``, ``"ue5m3"``); default NVFP4.
-        keep_high_precision: name patterns of linear layers to keep (default the LM head); output heads
-            and weights tied to embeddings are kept anyway.
+        keep_high_precision: name patterns of linear layers to keep (default the LM head); a single string
+            is one pattern, ``None`` or ``()`` keeps no layer by name. Output heads and weights tied to
+            embeddings are kept anyway.
         high_precision_first_n: keep the linears of the first N blocks.
         high_precision_last_n: keep the linears of the last N blocks (the paper keeps ~15% of linears,
             mostly at the end, in BF16).
@@ -70,7 +71,7 @@ class FP4Precision(Precision):
         self,
         recipe: FP4Recipe | str | None = None,
         *,
-        keep_high_precision: Sequence[str] = ("lm_head",),
+        keep_high_precision: Sequence[str] | str | None = ("lm_head",),
         high_precision_first_n: int = 0,
         high_precision_last_n: int = 0,
         switch_to_high_precision_at_step: int | None = None,
@@ -82,11 +83,9 @@ class FP4Precision(Precision):
         recipe = check_recipe(recipe, presets=True)
         self.keep = KeepHighPrecision(keep_high_precision, high_precision_first_n, high_precision_last_n)
         step = check_optional(check_int, "switch_to_high_precision_at_step", switch_to_high_precision_at_step, low=0)
-        switch_gemms = tuple(switch_gemms)
+        switch_gemms = check_names("switch_gemms", switch_gemms, GEMMS)
         if not switch_gemms:
             raise ValueError(f"switch_gemms must be a non-empty subset of {GEMMS}, got ()")
-        for gemm in switch_gemms:
-            check_choice("switch_gemms", gemm, GEMMS)
         self.recipe = recipe
         self.keep_high_precision = self.keep.patterns
         self.high_precision_first_n = self.keep.first_n
@@ -187,16 +186,17 @@ class FP4Precision(Precision):
 class NVFP4Precision(FP4Precision):
     """NVFP4 training (arXiv 2509.25149): ``Trainer(plugins=[NVFP4Precision()])``.
 
-    Same options as ``FP4Precision``; the recipe must use NVFP4 for every operand, and ``backend``
-    defaults to ``"auto"`` (TransformerEngine on compute capability 10.0 / 10.3 GPUs, emulation elsewhere).
+    Same options as ``FP4Precision``; the recipe (an ``FP4Recipe``, the preset name ``"nvfp4"`` or
+    ``None``) must use NVFP4 for every operand, so ``"mxfp4"`` and ``"ue5m3"`` are refused like the
+    recipe objects they name. ``backend`` defaults to ``"auto"`` (TransformerEngine on compute capability
+    10.0 / 10.3 GPUs, emulation elsewhere).
     """
 
-    def __init__(self, recipe: FP4Recipe | None = None, *, backend: str = "auto", **options: Any) -> None:
-        recipe = recipe if recipe is not None else FP4Recipe.nvfp4()
-        if isinstance(recipe, FP4Recipe):
-            formats = {recipe.operand(name).fmt for name in OPERANDS}
-            if formats != {"nvfp4"}:
-                raise ValueError(
-                    f"NVFP4Precision needs an all-NVFP4 recipe, got formats {sorted(formats)}; use FP4Precision"
-                )
+    def __init__(self, recipe: FP4Recipe | str | None = None, *, backend: str = "auto", **options: Any) -> None:
+        recipe = check_recipe(recipe, presets=True)
+        formats = {recipe.operand(name).fmt for name in OPERANDS}
+        if formats != {"nvfp4"}:
+            raise ValueError(
+                f"NVFP4Precision needs an all-NVFP4 recipe, got formats {sorted(formats)}; use FP4Precision"
+            )
         super().__init__(recipe, backend=backend, **options)

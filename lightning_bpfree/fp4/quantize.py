@@ -12,6 +12,27 @@ so ``(amax_block / 6) * S_enc`` (two roundings) is *not* what is computed, a blo
 underflows gets a literal 0 scale (its elements dequantize to 0), and block scales are clamped to
 448 before the cast (PyTorch's float8 cast does not saturate). Formats without a tensor scale run
 the same chain with ``S_enc = 1``; MX formats use a power-of-two scale from the block amax's exponent.
+
+Non-finite elements (NaN, +-inf) never change a value outside their own block (``1 x B`` block, or
+``B x B`` tile with ``block_2d``):
+
+- the tensor amax behind ``S_enc`` is taken over the finite elements only (0, so ``S_enc = 1``, when
+  there are none);
+- MX formats (``mxfp4``, ``mxfp4_ceil``), per the OCP MX v1.0 specification: a block holding any NaN or
+  inf gets the NaN scale (E8M0 code 0xFF), so every element of that block reads back NaN;
+- chain formats (``nvfp4``, ``ue4m3``, ``ue5m3``) evaluate the kernel formulas above with NaN
+  propagating, as TransformerEngine's PyTorch reference quantizer does: a block holding a NaN has a NaN
+  block amax, hence a NaN scale (the all-ones code: UE4M3 0x7F, UE5M3 0xFF), and the whole block reads
+  back NaN. A block holding +-inf and no NaN has block amax +inf, so its scale saturates at the scale
+  format's maximum ``M`` (448 for UE4M3, 61440 for UE5M3); each +-inf saturates to the E2M1 code +-6 and
+  reads back ``+-(6 * M) * (1 / S_enc)`` (for ``nvfp4`` that is the largest magnitude the tensor scale
+  can represent, about the tensor's finite amax; for ``ue4m3`` it is +-2688), and the block's finite
+  elements are quantized on that coarse scale;
+- a NaN-scale block stores E2M1 code 0 for every element; stochastic rounding draws the same random bits
+  whatever the data, so the other blocks get exactly the values they get without the non-finite element.
+
+``dequantize(quantize(x))`` equals ``fake_quantize(x)`` everywhere, non-finite inputs included (same NaN
+positions, equal values elsewhere).
 """
 
 from __future__ import annotations
@@ -31,7 +52,7 @@ from lightning_bpfree.fp4.formats import (
     round_to_e2m1,
     unpack_codes,
 )
-from lightning_bpfree.validation import check_choice
+from lightning_bpfree.validation import check_bool, check_choice
 
 
 @dataclass
@@ -74,9 +95,16 @@ class QuantizedTensor:
         return dequantize(self, dtype)
 
 
+def check_float_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` when it is a floating-point tensor; ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = f"{type(value).__name__} {getattr(value, 'dtype', '')}".strip()
+        raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
+    return value
+
+
 def _check_input(x: torch.Tensor, fmt: FP4Format, block_2d: bool, pad: bool) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    check_float_tensor("x", x)
     if x.ndim < (2 if block_2d else 1) or x.numel() == 0:
         raise ValueError(f"x must be non-empty with at least {2 if block_2d else 1} dimension(s), got {tuple(x.shape)}")
     if pad:
@@ -92,6 +120,12 @@ def _check_input(x: torch.Tensor, fmt: FP4Format, block_2d: bool, pad: bool) -> 
             f"with block_2d=True the second-to-last dimension of x ({x.shape[-2]}) must be a multiple of "
             f"the {fmt.name} block size {block}; pass pad=True to zero-pad it"
         )
+
+
+def check_generator(generator: torch.Generator | None) -> None:
+    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` or ``None``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _pad_to_blocks(x: torch.Tensor, block: int, block_2d: bool) -> torch.Tensor:
@@ -129,15 +163,20 @@ def _scales_and_values(
     """Quantize padded float32 ``x``: returns (E2M1 values in the block view, block scales, tensor decode scale)."""
     blocks = _block_view(x, fmt.block_size, block_2d)
     reduce_dims = (-3, -1) if block_2d else (-1,)
+    # amax propagates NaN and inf, so a block holding either has a non-finite amax
     block_amax = blocks.abs().amax(dim=reduce_dims)
     if fmt.scale_rule == "chain":
-        s_enc = tensor_encode_scale(x.abs().amax(), fmt)
+        # the tensor amax ignores non-finite elements, so they cannot change other blocks
+        finite_amax = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax()
+        s_enc = tensor_encode_scale(finite_amax, fmt)
         one = torch.ones((), dtype=torch.float32, device=x.device)
         sixth = torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32, device=x.device)
         decode_tensor = one / s_enc
+        # a NaN block amax stays NaN through the chain (a NaN scale); +inf saturates to the scale maximum
         block_scale = fmt.scale_format.round(block_amax * (s_enc * sixth))
         encode = torch.clamp(one / (block_scale * decode_tensor), max=FLOAT32_MAX)
         scaled = torch.clamp(blocks * _per_block(encode, block_2d), -E2M1_MAX, E2M1_MAX)
+        nan_block = torch.isnan(block_scale)
     else:
         if fmt.scale_rule == "mx_floor":
             exponent = floor_log2(block_amax) - E2M1_MAX_EXPONENT
@@ -145,10 +184,15 @@ def _scales_and_values(
             ratio = block_amax / E2M1_MAX
             exponent = floor_log2(ratio) + (torch.frexp(ratio).mantissa != 0.5).to(torch.int32)
         exponent = torch.clamp(exponent, -fmt.scale_format.bias, fmt.scale_format.bias)
-        block_scale = torch.ldexp(torch.ones_like(block_amax), exponent)
+        # OCP MX: a block holding NaN or Inf gets the NaN scale (E8M0 0xFF)
+        nan_block = ~torch.isfinite(block_amax)
+        block_scale = torch.where(nan_block, float("nan"), torch.ldexp(torch.ones_like(block_amax), exponent))
         decode_tensor = torch.ones((), dtype=torch.float32, device=x.device)
         scaled = torch.ldexp(blocks, -_per_block(exponent, block_2d))
+    # Elements of a NaN-scale block are stored as code 0; they decode to NaN through the scale. The
+    # random draws of stochastic rounding do not depend on the data, so finite blocks are unchanged.
     values = round_to_e2m1(scaled, rounding, generator)
+    values = torch.where(_per_block(nan_block, block_2d), torch.zeros_like(values), values)
     return values, block_scale, decode_tensor
 
 
@@ -162,6 +206,9 @@ def _quantize_blocks(
     """
     fmt = get_format(fmt)
     check_choice("rounding", rounding, ROUNDING_MODES)
+    check_bool("block_2d", block_2d)
+    check_bool("pad", pad)
+    check_generator(generator)
     _check_input(x, fmt, block_2d, pad)
     padded = _pad_to_blocks(x.float(), fmt.block_size, block_2d)
     return fmt, padded.shape, *_scales_and_values(padded, fmt, block_2d, rounding, generator)
@@ -207,7 +254,19 @@ def quantize(
         pad: zero-pad dimensions that are not a multiple of the block size instead of raising.
 
     Returns:
-        a ``QuantizedTensor``; ``dequantize`` of it equals ``fake_quantize(x, ...)`` bit for bit.
+        a ``QuantizedTensor``; ``dequantize`` of it equals ``fake_quantize(x, ...)`` bit for bit (NaN at the
+        same places).
+
+    Non-finite elements: see the module docstring. A block holding NaN (and, for MX formats, inf) gets the
+    NaN scale code and E2M1 codes 0; inf in an ``nvfp4`` / ``ue4m3`` / ``ue5m3`` block saturates the
+    block scale at its maximum and is stored as code +-6. The tensor scale is always finite and
+    comes from the finite elements only.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, a flag is not a bool, ``generator`` is not a
+            ``torch.Generator``.
+        ValueError: ``x`` is 0-d or empty (or 1-d with ``block_2d``), a blocked dimension is not a multiple
+            of the block size and ``pad`` is off, or ``fmt`` / ``rounding`` is unknown.
     """
     fmt, padded_shape, values, block_scale, decode_tensor = _quantize_blocks(x, fmt, block_2d, rounding, generator, pad)
     codes = pack_codes(e2m1_to_codes(values.reshape(padded_shape)))
@@ -222,6 +281,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     values = q.element_values()
     blocks = _block_view(values, q.fmt.block_size, q.block_2d)
     return _decode(blocks, q.block_scales(), q.tensor_scale, q.block_2d, values.shape, q.shape, dtype or q.dtype)
@@ -238,7 +299,15 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize ``x`` to FP4 and back: the values an FP4 GEMM would see, same shape and dtype as ``x``.
 
-    Arguments as in ``quantize``. Equal bit for bit to ``dequantize(quantize(x, ...))`` but skips packing.
+    Arguments and errors as in ``quantize``. Equal bit for bit to ``dequantize(quantize(x, ...))`` but skips
+    packing.
+
+    Non-finite elements never change a value outside their own block; their block reads back:
+
+    - ``mxfp4`` / ``mxfp4_ceil``: all NaN if the block holds any NaN or inf (OCP MX NaN scale);
+    - ``nvfp4`` / ``ue4m3`` / ``ue5m3``: all NaN if the block holds a NaN; with inf and no NaN, each +-inf
+      reads back ``+-(6 * M) / S_enc`` (``M`` the block-scale maximum, 448 or 61440) and the block's finite
+      elements are rounded on that saturated scale.
     """
     fmt, padded_shape, values, block_scale, decode_tensor = _quantize_blocks(x, fmt, block_2d, rounding, generator, pad)
     return _decode(values, block_scale, decode_tensor, block_2d, padded_shape, x.shape, x.dtype)

@@ -18,7 +18,7 @@ the random Hadamard transform on the two wgrad operands.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -32,6 +32,18 @@ from lightning_bpfree.fp4.constants import (
 )
 from lightning_bpfree.fp4.formats import get_format
 from lightning_bpfree.validation import check_bool, check_choice
+
+
+def check_names(argument: str, names: Any, allowed: Collection[str]) -> tuple[str, ...]:
+    """``names`` (an iterable of names, not a single string) as a tuple, each one of ``allowed``."""
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise TypeError(
+            f"{argument} must be a sequence of names from {sorted(allowed)}, got {names!r} ({type(names).__name__})"
+        )
+    names = tuple(names)
+    for name in names:
+        check_choice(argument, name, allowed)
+    return names
 
 
 @dataclass(frozen=True)
@@ -83,19 +95,17 @@ class FP4Recipe:
         get_format(self.fmt)
         for flag in ("stochastic_rounding", "rht", "two_d_weights", "rht_bf16"):
             check_bool(flag, getattr(self, flag))
+        if not isinstance(self.formats, Mapping):
+            raise TypeError(f"formats must be a mapping of operand name to format, got {type(self.formats).__name__}")
         for name, fmt in dict(self.formats).items():
             check_choice("formats", name, OPERANDS)
             get_format(fmt)
-        object.__setattr__(self, "quantized_gemms", tuple(self.quantized_gemms))
-        object.__setattr__(self, "rht_operands", tuple(self.rht_operands))
-        object.__setattr__(self, "stochastic_operands", tuple(self.stochastic_operands))
-        for argument, names, allowed in (
-            ("quantized_gemms", self.quantized_gemms, GEMMS),
-            ("rht_operands", self.rht_operands, WGRAD_OPERANDS),
-            ("stochastic_operands", self.stochastic_operands, OPERANDS),
+        for argument, allowed in (
+            ("quantized_gemms", GEMMS),
+            ("rht_operands", WGRAD_OPERANDS),
+            ("stochastic_operands", OPERANDS),
         ):
-            for name in names:
-                check_choice(argument, name, allowed)
+            object.__setattr__(self, argument, check_names(argument, getattr(self, argument), allowed))
         if len(set(self.rht_operands)) == 1:
             raise ValueError(
                 "rht_operands must name both wgrad operands or none: the transform only cancels when "
@@ -172,4 +182,3 @@ def check_recipe(recipe: FP4Recipe | str | None, *, presets: bool = False) -> FP
         accepted = "an FP4Recipe, a preset name or None" if presets else "an FP4Recipe"
         raise TypeError(f"recipe must be {accepted}, got {type(recipe).__name__}")
     return recipe
-

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.noprop.backbone import ClassEmbedding, DenoiserBlock, check_image_shape, check_images
+from lightning_bpfree.noprop.backbone import (
+    ClassEmbedding,
+    DenoiserBlock,
+    check_image_shape,
+    check_images,
+    check_widths,
+)
 from lightning_bpfree.noprop.schedules import (
     LearnableNoiseSchedule,
     cosine_alpha_bar,
@@ -28,9 +34,11 @@ from lightning_bpfree.noprop.schedules import (
     sample_marginal,
 )
 from lightning_bpfree.validation import (
+    check_bool,
     check_choice,
     check_int,
     check_nonnegative_float,
+    check_optional,
     check_positive_float,
     check_positive_int,
 )
@@ -57,6 +65,10 @@ class _NoPropNet(nn.Module):
         channels: Sequence[int] = (16, 32),
     ) -> None:
         super().__init__()
+        check_widths(hidden, channels)
+        check_optional(check_bool, "train_embedding", train_embedding)
+        if prototypes is not None and not bool(torch.isfinite(torch.as_tensor(prototypes)).all()):
+            raise ValueError("prototypes holds NaN or inf values")
         self.hidden, self.channels = hidden, channels
         self.num_classes = check_int("num_classes", num_classes, low=2)
         self.image_shape = check_image_shape(image_shape)
@@ -144,6 +156,7 @@ class NoPropDTNet(_NoPropNet):
     ) -> None:
         super().__init__(num_classes, image_shape, **options)
         check_positive_int("num_blocks", num_blocks)
+        check_bool("inference_noise", inference_noise)
         self.inference_samples = check_positive_int("inference_samples", inference_samples)
         check_positive_float("eta", eta)
         alpha_bar = cosine_alpha_bar(num_blocks, max_alpha_bar=max_alpha_bar)

@@ -17,26 +17,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice
+from lightning_bpfree.validation import check_choice, check_int, check_positive_int
 
 EMBEDDINGS = ("one-hot", "learned", "prototype")
 
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     """Validate ``(C, H, W)`` and return it as a tuple of ints."""
-    shape = tuple(image_shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+    shape = tuple(image_shape) if isinstance(image_shape, Sequence) and not isinstance(image_shape, str) else ()
+    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
     return shape
 
 
+def check_widths(hidden: int, channels: Sequence[int]) -> None:
+    """Refuse a hidden width or conv widths that are not positive ints, naming the argument."""
+    check_positive_int("hidden", hidden)
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        raise TypeError(f"channels must be a sequence of conv widths, got {channels!r}")
+    for i, width in enumerate(channels):
+        check_positive_int(f"channels[{i}]", width)
+
+
 def check_images(images: Tensor, image_shape: tuple[int, int, int]) -> None:
-    """Raise a ValueError when a batch does not have the configured ``[B, C, H, W]`` shape."""
-    if images.dim() != 4 or tuple(images.shape[1:]) != image_shape:
+    """Refuse a batch that is not a floating-point ``[B, C, H, W]`` tensor of the configured shape
+    (``B >= 1``) or that holds NaN / inf: a non-finite pixel would make the block losses, and after
+    one step the weights, NaN, so it is a ValueError naming ``images`` rather than a silent skip."""
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = f"dtype {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"images must be a floating-point tensor [B, C, H, W], got {kind}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != image_shape or images.shape[0] == 0:
         raise ValueError(
-            f"images must have shape [B, {image_shape[0]}, {image_shape[1]}, {image_shape[2]}] "
+            f"images must have shape [B, {image_shape[0]}, {image_shape[1]}, {image_shape[2]}] with B >= 1 "
             f"(image_shape={image_shape}), got {tuple(images.shape)}"
         )
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images holds NaN or inf values; NoProp refuses the batch rather than train on it")
 
 
 class ImageEncoder(nn.Module):
@@ -136,6 +152,8 @@ class BackpropClassifier(nn.Module):
         channels: Sequence[int] = (16, 32),
     ) -> None:
         super().__init__()
+        check_int("num_classes", num_classes, low=2)
+        check_widths(hidden, channels)
         self.image_shape = check_image_shape(image_shape)
         c, h, w = self.image_shape
         self.encoder = ImageEncoder(c, h, w, channels, hidden)

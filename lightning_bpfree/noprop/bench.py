@@ -245,27 +245,24 @@ def _plot(results: dict[str, dict[str, Any]], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {METHODS}")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20, quick 2)")
-    parser.add_argument("--train-limit", type=int, default=None, help="training images (default 6000, quick 1000)")
-    parser.add_argument("--test-limit", type=int, default=None, help="test images (default all 10000, quick 500)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-blocks", type=int, default=10, help="NoProp-DT blocks T")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of every method")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
+    parser.add_argument("--epochs", type=benchmarking.positive_int, default=None, help="training epochs (default 20, quick 2)")
+    parser.add_argument("--train-limit", type=benchmarking.positive_int, default=None, help="training images (default 6000, quick 1000)")
+    parser.add_argument("--test-limit", type=benchmarking.positive_int, default=None, help="test images (default all 10000, quick 500)")
+    parser.add_argument("--batch-size", type=benchmarking.positive_int, default=128, help="training batch size")
+    parser.add_argument("--num-blocks", type=benchmarking.positive_int, default=10, help="NoProp-DT blocks T")
+    parser.add_argument("--hidden", type=benchmarking.positive_int, default=128, help="width of every hidden layer")
+    parser.add_argument("--channels", type=benchmarking.positive_int, nargs="+", default=[16, 32], help="conv widths of the image encoder")
+    parser.add_argument("--lr", type=benchmarking.positive_float, default=3e-3, help="AdamW lr of every method")
     parser.add_argument(
-        "--dt-inference-samples", type=int, nargs="+", default=None,
+        "--dt-inference-samples", type=benchmarking.positive_int, nargs="+", default=None,
         help="after training, DT's paper inference averaged over K chains, for each K (default 1 2 4 8, quick 2)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    _check_methods(args.methods)
     epochs = args.epochs or (2 if args.quick else 20)
     train_limit = args.train_limit or (1000 if args.quick else 6000)
     test_limit = args.test_limit or (500 if args.quick else 10_000)
     samples = args.dt_inference_samples or ([2] if args.quick else [1, 2, 4, 8])
-    if any(k < 1 for k in samples):
-        raise ValueError(f"--dt-inference-samples must be >= 1, got {samples}")
     model_args = dict(num_blocks=args.num_blocks, hidden=args.hidden, channels=args.channels)
     threads = benchmarking.torch_threads(args.threads)
 

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_bpfree.noprop.algorithms import NoPropCTNet, NoPropDTNet, NoPropFMNet, noprop_dt_step
 from lightning_bpfree.noprop.backbone import BackpropClassifier
-from lightning_bpfree.validation import check_nonnegative_float, check_positive_float
+from lightning_bpfree.validation import check_int, check_nonnegative_float, check_positive_float
 
 
 def _no_closure() -> None:
@@ -46,6 +46,7 @@ class _Classifier(L.LightningModule):
         **net_options: Any,
     ) -> None:
         super().__init__()
+        check_int("num_classes", num_classes, low=2)  # before torchmetrics gives its own message
         self.lr = check_positive_float("lr", lr)
         self.weight_decay = check_nonnegative_float("weight_decay", weight_decay)
         self.save_hyperparameters()  # num_classes, image_shape, lr, weight_decay and the net options given

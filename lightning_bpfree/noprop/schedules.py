@@ -143,6 +143,8 @@ class LearnableNoiseSchedule(nn.Module):
 
     def __init__(self, gamma_min: float = -4.0, gamma_max: float = 4.0, hidden: int = 64) -> None:
         super().__init__()
+        check_float("gamma_min", gamma_min)
+        check_float("gamma_max", gamma_max)
         if not gamma_min < gamma_max:
             raise ValueError(f"gamma_min must be < gamma_max, got {gamma_min} and {gamma_max}")
         check_positive_int("hidden", hidden)

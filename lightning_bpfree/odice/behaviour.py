@@ -28,7 +28,7 @@ from lightning_bpfree.odice.datasets import (
     rollout,
     single_thread,
 )
-from lightning_bpfree.validation import check_choice
+from lightning_bpfree.validation import check_choice, check_positive_int, check_seed
 
 
 def pendulum_expert(observations: np.ndarray) -> np.ndarray:
@@ -234,6 +234,8 @@ def make_dataset(
     buffer, whatever its length; ``medium-expert`` holds ``num_steps`` of each.
     """
     check_choice("kind", kind, DATASET_KINDS)
+    check_positive_int("num_steps", num_steps)
+    check_seed("seed", seed)  # checked before a behaviour policy is trained for minutes
     make_env(env_id).close()  # fail early on an unknown id or missing mujoco
     if kind == "random":
         data = rollout(env_id, None, num_steps, seed=seed)

@@ -156,20 +156,25 @@ def _plot(runs: list[dict[str, Any]], kinds: list[str], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightning_bpfree.odice.datasets import DATASET_KINDS, REFERENCE_RETURNS
+
+    positive_int = benchmarking.positive_int
     parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1: small networks, threads only add contention")
-    parser.add_argument("--env", default="Pendulum-v1", help="gymnasium environment id")
-    parser.add_argument(
-        "--datasets", nargs="+", default=["medium", "medium-replay", "medium-expert"], help="dataset kinds"
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds per configuration")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps")
-    parser.add_argument("--transitions", type=int, default=None, help="transitions per collected dataset")
-    parser.add_argument("--hidden", type=int, default=64, help="width of the value and policy MLPs")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (value and policy)")
-    parser.add_argument("--lam", type=float, default=0.5, help="ODICE lambda (paper default 0.6; tuned per task)")
-    parser.add_argument("--eta", type=float, default=1.0, help="ODICE eta (weight of the projected g_b)")
+    parser.add_argument("--env", default="Pendulum-v1", choices=tuple(REFERENCE_RETURNS), help="gymnasium environment id")
+    parser.add_argument("--datasets", nargs="+", default=["medium", "medium-replay", "medium-expert"],
+                        choices=DATASET_KINDS, help="dataset kinds (quick: random expert)")  # fmt: skip
+    parser.add_argument("--seeds", type=positive_int, default=3, help="training seeds per configuration")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default 10000, quick 200)")
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (default steps / 10)")
+    parser.add_argument("--transitions", type=positive_int, default=None,
+                        help="transitions per collected dataset (default 20000, quick 2000)")  # fmt: skip
+    parser.add_argument("--hidden", type=positive_int, default=64, help="width of the value and policy MLPs")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="transitions per training batch")
+    parser.add_argument("--lr", type=benchmarking.positive_float, default=1e-3, help="Adam learning rate (value and policy)")
+    parser.add_argument("--lam", type=benchmarking.float_in(0.0, 1.0, low_open=True), default=0.5,
+                        help="ODICE lambda in (0, 1] (paper default 0.6; tuned per task)")  # fmt: skip
+    parser.add_argument("--eta", type=benchmarking.nonnegative_float, default=1.0,
+                        help="ODICE eta >= 0 (weight of the projected g_b)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: <out>/datasets)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -178,13 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (200 if args.quick else 10_000)
     eval_every = args.eval_every or max(steps // 10, 1)
     transitions = args.transitions or (2_000 if args.quick else 20_000)
-    if steps <= 0 or eval_every <= 0 or transitions <= 0 or args.seeds <= 0:
-        parser.error("--steps, --eval-every, --transitions and --seeds must be positive")
-    from lightning_bpfree.odice.datasets import DATASET_KINDS
-
-    bad = [k for k in args.datasets if k not in DATASET_KINDS]
-    if bad:
-        parser.error(f"unknown dataset kinds {bad}; choose from {DATASET_KINDS}")
     settings = TrainSettings(steps=steps, eval_every=eval_every, batch_size=args.batch_size, hidden=args.hidden,
                              lr=args.lr, lam=args.lam, eta=args.eta)  # fmt: skip
     with benchmarking.using_threads(benchmarking.torch_threads(args.threads, default=1)) as threads:

@@ -16,13 +16,13 @@ This file has no Lightning import; :mod:`lightning_bpfree.odice.module` wraps it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_nonnegative_float
+from lightning_bpfree.validation import check_choice, check_nonnegative_float, check_positive_int
 
 F_DIVERGENCES = ("pearson_chi2", "reverse_kl")
 GRADIENTS = ("orthogonal", "semi", "true")
@@ -146,6 +146,13 @@ def f_prime_inverse(residual: Tensor, divergence: str = "pearson_chi2") -> Tenso
 # Networks
 
 
+def check_hidden(name: str, hidden: Sequence[int]) -> tuple[int, ...]:
+    """``hidden`` as a tuple of positive layer widths (may be empty: a linear network)."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise TypeError(f"{name} must be a sequence of layer widths, got {hidden!r}")
+    return tuple(check_positive_int(f"{name}[{i}]", width) for i, width in enumerate(hidden))
+
+
 def mlp(sizes: Sequence[int], layer_norm: bool = False) -> nn.Sequential:
     """Linear layers of ``sizes`` with ReLU between them (and LayerNorm before each ReLU if asked)."""
     layers: list[nn.Module] = []
@@ -163,6 +170,8 @@ class TwinValue(nn.Module):
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = True, num_heads: int = 2):
         super().__init__()
+        check_hidden("value_hidden", hidden)
+        check_positive_int("num_heads", num_heads)
         self.nets = nn.ModuleList(mlp([obs_dim, *hidden, 1], layer_norm) for _ in range(num_heads))
 
     def heads(self, observations: Tensor) -> Tensor:
@@ -179,6 +188,7 @@ class GaussianPolicy(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (1024, 1024)):
         super().__init__()
+        check_hidden("policy_hidden", hidden)
         self.net = mlp([obs_dim, *hidden, act_dim])
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
@@ -200,6 +210,41 @@ class GaussianPolicy(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # Residuals and losses
+
+BATCH_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+VALUE_KEYS = ("observations", "rewards", "next_observations", "terminals")  # what value_losses reads
+
+
+def check_batch(batch: Mapping[str, Tensor], keys: Sequence[str] = BATCH_KEYS) -> None:
+    """Refuse an ODICE batch that lacks ``keys``, has inconsistent shapes or holds NaN / inf.
+
+    Shapes: ``observations`` and ``next_observations`` ``[B, obs_dim]``, ``actions`` ``[B, act_dim]``,
+    ``rewards`` and ``terminals`` ``[B]``. Non-finite data is refused (a ValueError naming the key)
+    rather than trained on: one NaN reward would make every value weight NaN after one step.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict of tensors with the keys {list(keys)}, got {type(batch).__name__}")
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(f"batch lacks the key(s) {missing}; an ODICE batch needs {list(keys)}")
+    for key in keys:
+        if not isinstance(batch[key], Tensor):
+            raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(batch[key]).__name__}")
+    for key in keys:
+        value = batch[key]
+        rank = 2 if key in ("observations", "next_observations", "actions") else 1
+        if value.dim() != rank or value.shape[0] == 0:
+            expected = "[B, dim]" if rank == 2 else "[B]"
+            raise ValueError(f"batch[{key!r}] must be {expected} with B >= 1, got shape {tuple(value.shape)}")
+        if value.shape[0] != batch[keys[0]].shape[0]:
+            raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, batch[{keys[0]!r}] {batch[keys[0]].shape[0]}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"batch[{key!r}] holds NaN or inf values; ODICE refuses the batch rather than train on it")
+    if "next_observations" in keys and batch["next_observations"].shape != batch["observations"].shape:
+        raise ValueError(
+            f"batch['next_observations'] has shape {tuple(batch['next_observations'].shape)}, "
+            f"batch['observations'] {tuple(batch['observations'].shape)}"
+        )
 
 
 def value_losses(
@@ -226,6 +271,7 @@ def value_losses(
       (``backward``, not scaled by eta) by evaluating f* at the same residual with the other side
       detached, so ``forward + backward`` has the true gradient.
     """
+    check_batch(batch, VALUE_KEYS)
     obs, next_obs = batch["observations"], batch["next_observations"]
     reward = batch["rewards"]
     not_done = 1.0 - batch["terminals"].to(reward.dtype)
@@ -319,6 +365,7 @@ def compute_odice_gradients(
         ``value_loss``, ``policy_loss``, ``residual_mean``, ``weight_mean``, ``grad_forward_norm`` and,
         when g_b was computed, ``cos_forward_backward`` and ``grad_backward_norm`` (Python floats).
     """
+    check_batch(batch)
     backward = backward or _plain_backward
     losses = value_losses(value, target_value, batch, **objective)
     gradient, divergence = objective["gradient"], objective["divergence"]

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_bpfree.validation import check_choice, check_float, check_nonnegative_float, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
 
 DATASET_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -80,6 +86,13 @@ class OfflineDataset:
             raise ValueError(
                 f"actions must be [N, act_dim], rewards [N]; got {self.actions.shape}, {self.rewards.shape}"
             )
+        for name in ("observations", "actions", "rewards", "next_observations"):
+            values = getattr(self, name)
+            if not np.issubdtype(values.dtype, np.number):
+                raise TypeError(f"{name} must hold numbers, got dtype {values.dtype}")
+            if not np.isfinite(values).all():
+                # refused here, at the source, rather than training the value net to NaN
+                raise ValueError(f"{name} holds {int((~np.isfinite(values)).sum())} non-finite value(s) (NaN or inf)")
         self.terminals = self.terminals.astype(bool)
         self.timeouts = self.timeouts.astype(bool)
 
@@ -320,11 +333,15 @@ class OfflineBatches(torch.utils.data.IterableDataset):
         reward_scale: float | str = "auto",
         seed: int = 0,
     ) -> None:
+        if not isinstance(dataset, OfflineDataset):
+            raise TypeError(f"dataset must be an OfflineDataset (see make_dataset), got {type(dataset).__name__}")
         check_positive_int("batch_size", batch_size)
         check_positive_int("num_batches", num_batches)
-        if reward_scale == "auto":
+        if isinstance(reward_scale, str) and reward_scale == "auto":
             reward_scale = reward_scale_for(dataset)
-        self.reward_scale = check_float("reward_scale", reward_scale)
+        # a negative scale would turn rewards into costs, zero would erase them
+        self.reward_scale = check_positive_float("reward_scale", reward_scale)
+        check_seed("seed", seed)
         self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
         self.tensors = {
             "observations": torch.as_tensor(dataset.observations, dtype=torch.float32),

@@ -28,14 +28,17 @@ from lightning_bpfree.odice.core import (
     GRADIENTS,
     GaussianPolicy,
     TwinValue,
+    check_batch,
     compute_odice_gradients,
     ema_update,
 )
 from lightning_bpfree.odice.datasets import OfflineDataset
 from lightning_bpfree.validation import (
+    check_bool,
     check_choice,
     check_float,
     check_nonnegative_float,
+    check_positive_float,
     check_positive_int,
 )
 
@@ -117,6 +120,13 @@ class ODICE(L.LightningModule):
         check_float("discount", discount, low=0.0, high=1.0, high_open=True)
         check_positive_int("log_every_n_steps", log_every_n_steps)
         check_float("target_update_rate", target_update_rate, low=0.0, low_open=True, high=1.0)
+        # a negative learning rate would be gradient ascent, a negative cap would flip every BC weight
+        check_positive_float("value_lr", value_lr)
+        check_positive_float("policy_lr", policy_lr)
+        check_nonnegative_float("policy_weight_decay", policy_weight_decay)
+        check_positive_float("max_weight", max_weight)
+        check_bool("layer_norm", layer_norm)
+        check_bool("track_cosine", track_cosine)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.value = TwinValue(obs_dim, value_hidden, layer_norm)
@@ -172,6 +182,7 @@ class ODICE(L.LightningModule):
         hyperparameters. Nothing is stepped.
         """
         hp = self.hparams
+        check_batch(batch)  # before the actions are read: a missing key is a ValueError listing them all
         batch = {**batch, "actions": (batch["actions"] - self.action_centre) / self.action_half_range}
         options = {name: hp[name] for name in _GRADIENT_OPTIONS}
         # manual_backward routes through the strategy and precision plugin; outside a Trainer

@@ -258,10 +258,7 @@ def methods_part(args: argparse.Namespace) -> int:
         raise ValueError("--steps and --batch-size must be >= 1 and --seq-len >= 2")
     threads = benchmarking.torch_threads(args.threads, default=1 if model == "tiny" else None)
     rows_spec = configurations()
-    if args.only:
-        unknown = sorted(set(args.only) - {label(r) for r in rows_spec})
-        if unknown:
-            raise ValueError(f"--only takes row labels among {[label(r) for r in rows_spec]}, got {unknown}")
+    if args.only:  # labels checked by the parser
         rows_spec = [r for r in rows_spec if label(r) in args.only]
     rows = []
     for spec in benchmarking.progress(rows_spec, desc=NAME, unit="config"):
@@ -435,14 +432,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods: optimizers, schemes and enhancements (default); memory: ZO step vs inference vs FO")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default=None,
                         help="methods part: default smollm2 (tiny with --quick)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None,
+    positive_int = benchmarking.positive_int
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per configuration (methods) / timed steps after 1 warm-up (memory, default 3)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (4 for smollm2 in the methods part)")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 64 (methods) / 128 (memory)")
-    parser.add_argument("--eval-blocks", type=int, default=32, help="methods part: held-out blocks evaluated")
-    parser.add_argument("--only", nargs="*", default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default 8 (4 for smollm2 in the methods part)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="default 64 (methods) / 128 (memory)")
+    parser.add_argument("--eval-blocks", type=positive_int, default=32, help="methods part: held-out blocks evaluated")
+    parser.add_argument("--only", nargs="*", default=None, choices=[label(r) for r in configurations()], metavar="ROW",
                         help="methods part: run only these rows (labels as in the table, e.g. zo-sgd 'zo-sgd lora')")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="memory part")
+    parser.add_argument("--device", type=benchmarking.torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="memory part: torch device (default cuda when available, else cpu)")  # fmt: skip
     args = parser.parse_args(argv)
     return memory_part(args) if args.part == "memory" else methods_part(args)
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_bpfree.validation import check_bool
 from lightning_bpfree.zo.parts import ZOPart
 
 LEVELS = ("layer", "module", "linear")
@@ -80,6 +81,9 @@ def find_blocks(model: nn.Module, level: str = "layer", trainable_only: bool = T
         ``{block name: [parameters]}`` covering every (trainable) parameter exactly once; empty
         blocks are dropped.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable_only = check_bool("trainable_only", trainable_only)
     if not isinstance(level, str) or not level:
         raise ValueError(f"level must be one of {LEVELS} or a regular expression, got {level!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]

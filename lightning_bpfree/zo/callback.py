@@ -10,8 +10,16 @@ Added to ``Trainer(callbacks=[ZerothOrder(...)])`` the callback, at ``setup``:
 3. logs ``zo/loss``, ``zo/loss_plus``, ``zo/loss_minus``, ``zo/projected_grad`` and
    ``zo/skipped_steps`` every step.
 
-At ``teardown`` the module gets its own methods back (``automatic_optimization`` stays False so
-that ``trainer.global_step`` still reads the steps taken).
+At ``teardown`` (and on an exception) the module is given back exactly as it came: its own
+methods and its ``automatic_optimization`` flag, so a later ordinary ``Trainer.fit`` trains it
+normally. ``trainer.global_step`` still reads the steps taken.
+
+Data parallel: under Lightning's ``strategy="ddp"`` (``DDPStrategy``) the optimizer shares rank
+0's seed and averages the loss scalars of every forward over ranks (see
+:func:`~lightning_bpfree.zo.distributed.make_data_parallel`), exactly as
+``ZODataParallelStrategy`` does, so parameters stay bitwise identical on every rank. Other
+multi-process strategies (FSDP, DeepSpeed, model parallel) shard or wrap the parameters in ways
+the estimate does not handle and are refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -22,9 +30,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from lightning_bpfree.validation import check_choice, check_nonnegative_float, check_positive_float
+from lightning_bpfree.validation import (
+    check_bool,
+    check_choice,
+    check_nonnegative_float,
+    check_options,
+    check_positive_float,
+)
+from lightning_bpfree.zo.distributed import make_data_parallel, undo_data_parallel
 from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, make_optimizer
+from lightning_bpfree.zo.strategy import ZODataParallelStrategy
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -42,7 +59,9 @@ class ZerothOrder(Callback):
             "interval": "step" | "epoch"}``; stepped every batch by default.
         disable_dropout: run the perturbed forwards in ``eval()`` mode (restored afterwards).
         **options: passed to the optimizer (``weight_decay``, ``perturbation``, ``one_sided``,
-            ``num_queries``, ``seed``, ``exact_restore`` ...).
+            ``num_queries``, ``seed``, ``exact_restore`` ...). Checked here: an option the chosen
+            optimizer does not take (``momentum`` for ``"zo-sgd"``, a typo) is a ``TypeError``
+            listing the valid ones; a bad value is a ``TypeError``/``ValueError`` naming it.
 
     The module's ``training_step`` must return the loss (a scalar tensor or a float, or a dict
     with ``"loss"``); it may be non-differentiable (e.g. minus an accuracy).
@@ -58,36 +77,80 @@ class ZerothOrder(Callback):
         **options: Any,
     ):
         check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_options(f"ZerothOrder({optimizer!r})", options, OPTIMIZERS[optimizer].option_names())
         lr = check_nonnegative_float("lr", lr)
         eps = check_positive_float("eps", eps)
         if scheduler is not None and not callable(scheduler):
             raise TypeError(f"scheduler must be a callable fn(optimizer) -> scheduler, got {type(scheduler).__name__}")
+        self.disable_dropout = check_bool("disable_dropout", disable_dropout)
+        # Build once on a stand-in parameter so that a bad option value fails here, not at fit time.
+        make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr=lr, eps=eps, **options)
         self.optimizer_name = optimizer
         self.optimizer_options = dict(lr=lr, eps=eps, **options)
         self.scheduler_factory = scheduler
-        self.disable_dropout = disable_dropout
         self._scheduler_interval = "step"
         self._patched: list[str] = []
+        self._original: dict[str, Any] = {}  # what setup changed on the module, to give back
+        self._data_parallel = False  # share the seed and average the losses over ranks (DDPStrategy)
+        self._optimizer: ZOOptimizer | None = None
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._validate_trainer(trainer, pl_module)
-        # Build once now so that bad options fail before training starts.
-        make_optimizer(self.optimizer_name, [torch.zeros(1, requires_grad=True)], **self.optimizer_options)
+        self._data_parallel = self._needs_data_parallel(trainer)
+        self._original = {
+            "automatic_optimization": pl_module.automatic_optimization,
+            # instance attributes the patches shadow (normally none: the methods live on the class)
+            **{name: pl_module.__dict__[name] for name in ("configure_optimizers", "training_step") if name in pl_module.__dict__},
+        }  # fmt: skip
+        self._patched = ["configure_optimizers", "training_step"]  # before patching: _restore undoes a partial one
         pl_module.automatic_optimization = False
-        pl_module._bpfree_zeroth_order = True
         pl_module.configure_optimizers = self._configure_optimizers(pl_module)
         pl_module.training_step = self._training_step(pl_module, pl_module.training_step)
-        self._patched = ["configure_optimizers", "training_step"]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # The methods go back; automatic_optimization stays False because trainer.global_step reads
-        # the manual-optimization counter only while it is False.
+        self._restore(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook after an exception: give the module back here too
+        self._restore(trainer, pl_module)
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the module back as it came: its methods and its ``automatic_optimization`` flag."""
+        if not self._patched:
+            return
         for name in self._patched:
             pl_module.__dict__.pop(name, None)
+            if name in self._original:
+                pl_module.__dict__[name] = self._original[name]
         self._patched = []
+        if self._optimizer is not None and self._data_parallel:
+            undo_data_parallel(self._optimizer)
+        self._optimizer = None
+        # trainer.global_step reads the automatic loop's counter once the flag is True again: give it
+        # the steps the manual loop counted, so the finished trainer still reports them
+        epoch_loop = trainer.fit_loop.epoch_loop
+        steps = epoch_loop.manual_optimization.optim_step_progress.total.completed
+        tracker = epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+        tracker.ready = tracker.completed = steps
+        pl_module.automatic_optimization = self._original.pop("automatic_optimization")
+        self._original = {}
+
+    @staticmethod
+    def _needs_data_parallel(trainer: pl.Trainer) -> bool:
+        """Whether the optimizer must be made data-parallel here; refuses strategies ZO cannot follow."""
+        strategy = trainer.strategy
+        if trainer.world_size <= 1 or isinstance(strategy, ZODataParallelStrategy):
+            return False  # one process, or the strategy wires the optimizer itself
+        if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
+            return True
+        raise ValueError(
+            f"ZerothOrder cannot train under strategy {type(strategy).__name__} with {trainer.world_size} processes: "
+            "it shards or wraps the parameters, and the ranks would draw different noise or drift apart. Use "
+            "strategy='ddp' or ZODataParallelStrategy() (every rank holds the whole model)."
+        )
 
     def _validate_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         precision = trainer.precision_plugin
@@ -104,7 +167,7 @@ class ZerothOrder(Callback):
             )
         if trainer.gradient_clip_val:
             raise ValueError("ZerothOrder has no gradients to clip: leave gradient_clip_val unset")
-        if not pl_module.automatic_optimization and not getattr(pl_module, "_bpfree_zeroth_order", False):
+        if not pl_module.automatic_optimization:
             raise ValueError(
                 "ZerothOrder drives the optimization itself: the module must use automatic optimization and its "
                 "training_step must return the loss (not call manual_backward or step optimizers)"
@@ -113,6 +176,10 @@ class ZerothOrder(Callback):
     def _configure_optimizers(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
         def configure_optimizers() -> Any:
             optimizer = make_optimizer(self.optimizer_name, list(pl_module.parameters()), **self.optimizer_options)
+            if self._data_parallel:  # the process group is up: configure_optimizers runs in strategy.setup
+                strategy = pl_module.trainer.strategy
+                make_data_parallel(optimizer, strategy.root_device if strategy.root_device.type == "cuda" else None)
+            self._optimizer = optimizer
             if self.scheduler_factory is None:
                 return optimizer
             scheduler = self.scheduler_factory(optimizer)

@@ -63,10 +63,14 @@ def corpus_blocks(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return token_blocks(tokenizer, train_texts, seq_len), token_blocks(tokenizer, held_out_texts, seq_len)
 
 
-def _trainer(max_steps: int, callbacks: list, **kwargs: Any) -> pl.Trainer:
+def _trainer(max_steps: int, callbacks: list, batches_per_epoch: int | None = None, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer stopping after ``max_steps`` steps. With ``batches_per_epoch`` the epoch count
+    those steps take is set too, so the progress bar reads ``Epoch 2/2`` (with ``max_epochs=-1``,
+    Lightning's default next to ``max_steps``, it read ``Epoch 1/-2``)."""
+    max_epochs = -1 if batches_per_epoch is None else math.ceil(max_steps / batches_per_epoch)
     options = dict(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        max_steps=max_steps, max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
@@ -102,13 +106,15 @@ def measure_step(mode: str, scheme: str, batch_size: int, seq_len: int, steps: i
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__)
     parser.add_argument("--full", action="store_true", help="full-parameter ZO instead of LoRA")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=None, help="default: 5e-3 (LoRA) / 1e-6 (full)")
-    parser.add_argument("--eps", type=float, default=None, help="default: 1e-2 (LoRA) / 1e-3 (full)")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
-    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks evaluated")
+    positive_int, positive_float = benchmarking.positive_int, benchmarking.positive_float
+    parser.add_argument("--steps", type=positive_int, default=150, help="ZO steps (quick 6)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="token blocks per batch")
+    parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens per block")
+    parser.add_argument("--lr", type=positive_float, default=None, help="default: 5e-3 (LoRA) / 1e-6 (full)")
+    parser.add_argument("--eps", type=positive_float, default=None,
+                        help="perturbation scale, default: 1e-2 (LoRA) / 1e-3 (full)")  # fmt: skip
+    parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out evaluations")
+    parser.add_argument("--eval-blocks", type=positive_int, default=32, help="held-out blocks evaluated")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory comparison subprocesses")
     args = parser.parse_args(argv)
     if args.quick:
@@ -133,11 +139,11 @@ def _run(args: argparse.Namespace, threads: int) -> int:
 
     module = CausalLMModule(model)
     recorder = StepRecorder()
+    train_loader = DataLoader(TensorDataset(train), batch_size=args.batch_size, shuffle=True)
     trainer = _trainer(
-        args.steps, [ZerothOrder("zo-sgd", lr=lr, eps=eps, seed=args.seed), recorder],
+        args.steps, [ZerothOrder("zo-sgd", lr=lr, eps=eps, seed=args.seed), recorder], len(train_loader),
         val_check_interval=args.eval_every, check_val_every_n_epoch=None,
     )  # fmt: skip
-    train_loader = DataLoader(TensorDataset(train), batch_size=args.batch_size, shuffle=True)
     val_loader = DataLoader(TensorDataset(held_out), batch_size=args.batch_size)
     before = trainer.validate(module, val_loader, verbose=False)[0]["val_loss"]
     module.val_history = [(0, before)]

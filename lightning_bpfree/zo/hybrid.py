@@ -11,6 +11,13 @@ step:
    only for what leads to them: the last layers cost little);
 2. the ZO estimate and update of the other parameters (the first-order ones are not perturbed);
 3. the first-order optimizer's step, then its gradients are freed.
+
+A non-finite loss skips both parts: when the first-order pass at theta gives a NaN or infinite
+loss or gradient, its gradients are freed unused and the ZO estimate is skipped too (no forward
+at perturbed weights runs), so the weights of both parts stay bitwise as they were and the skip
+is counted in ``zo_state["skipped_steps"]``. When only the perturbed forwards are non-finite
+(the loss at theta and its gradients are finite), the ZO estimate is skipped and so is the
+first-order step: a skipped step moves neither part, so the two never drift out of step.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ class FirstOrderPart(ZOPart):
             default ``torch.optim.AdamW(params, lr)``.
         lr: the learning rate of the default optimizer.
 
-    ``grad_reducer`` (attribute, default None): ``fn(grads)`` applied to the list of gradients
-    before the optimizer step (data-parallel training all-reduces them).
+    ``grad_reducer`` (attribute, default None): ``fn(tensors)`` applied in place to the list of
+    gradients, followed by a one-element float64 tensor holding the loss, before the optimizer step
+    (data-parallel training all-reduces them, so every rank steps, or skips, alike).
     """
 
     def __init__(
@@ -58,9 +66,13 @@ class FirstOrderPart(ZOPart):
         self.optimizer = optimizer
         self.grad_reducer: Callable[[Sequence[torch.Tensor]], None] | None = None
         self.last_loss = float("nan")
+        self._finite = True
 
     def compute_gradients(self, closure: Callable[[], Any], zo_params: Sequence[torch.Tensor]) -> float:
-        """Forward + backward at theta; only ``self.params`` get gradients. Returns the loss."""
+        """Forward + backward at theta; only ``self.params`` get gradients. Returns the loss.
+
+        Also records whether the loss and every gradient are finite (``skips_step``).
+        """
         flags = [p.requires_grad for p in zo_params]
         for p in zo_params:
             p.requires_grad_(False)
@@ -75,9 +87,15 @@ class FirstOrderPart(ZOPart):
         finally:
             for p, flag in zip(zo_params, flags):
                 p.requires_grad_(flag)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        value = scalar_loss(loss)
         if self.grad_reducer is not None:
-            self.grad_reducer([p.grad for p in self.params if p.grad is not None])
-        self.last_loss = scalar_loss(loss)
+            # the loss travels with the gradients: a NaN on any rank makes every rank skip
+            reduced = torch.tensor([value], dtype=torch.float64, device=self.params[0].device)
+            self.grad_reducer([*grads, reduced])
+            value = float(reduced.item())
+        self.last_loss = value
+        self._finite = math.isfinite(value) and all(bool(torch.isfinite(g).all()) for g in grads)
         return self.last_loss
 
     state_key = "first_order"
@@ -89,8 +107,14 @@ class FirstOrderPart(ZOPart):
         # the ZO parameters of the whole step (no block active yet)
         self.compute_gradients(closure, [p for _, p in optimizer.trainable_parameters()])
 
+    def skips_step(self) -> bool:
+        return not self._finite
+
     def after_step(self, optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
-        self.step()
+        if self._finite and not optimizer.last_step_skipped:
+            self.step()
+        else:  # a skipped step skips both parts; never step on NaN/inf gradients (see skips_step)
+            self.optimizer.zero_grad(set_to_none=True)
         # a skipped ZO step reports the loss the first-order pass measured at theta
         return loss if math.isfinite(float(loss)) else torch.tensor(self.last_loss)
 

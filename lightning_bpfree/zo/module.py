@@ -27,9 +27,12 @@ class CausalLMModule(pl.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-4):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+        lr = check_nonnegative_float("lr", lr)
         super().__init__()
         self.model = model.train()  # loaders return eval-mode models; Lightning trains in the mode it finds
-        self.lr = check_nonnegative_float("lr", lr)
+        self.lr = lr
         self.val_history: list[tuple[int, float]] = []
         self._val_losses: list[torch.Tensor] = []
 

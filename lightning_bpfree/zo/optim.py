@@ -18,6 +18,7 @@ objects whose hooks the base calls; the base itself only perturbs, estimates and
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,13 +28,15 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_bpfree.validation import (
+    check_bool,
     check_choice,
     check_float,
-    check_int,
     check_nonnegative_float,
     check_optional,
+    check_options,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
 from lightning_bpfree.zo.blocks import ParameterBlocks
 from lightning_bpfree.zo.parts import ZOPart
@@ -123,6 +126,11 @@ class ZOOptimizer(Optimizer):
     The three enhancements are :class:`~lightning_bpfree.zo.parts.ZOPart` objects, listed in ``parts``
     (sparsity, first-order, blocks: the order their hooks run in).
 
+    Every argument is checked at construction (``TypeError``/``ValueError`` naming it; NaN and
+    inf refused); an option this method does not take (``ZOSGD(params, momentum=0.9)``, a typo)
+    is a ``TypeError`` listing the valid ones (:meth:`option_names`), and params with nothing to
+    train (all ``requires_grad=False``) a ``ValueError``.
+
     ``loss_reducer`` (attribute, default None): ``fn(values) -> values`` applied to the float64
     tensor of the losses each closure call returns; data-parallel training sets it to an
     all-reduce mean (see :func:`~lightning_bpfree.zo.distributed.all_reduce_mean`).
@@ -156,18 +164,21 @@ class ZOOptimizer(Optimizer):
         first_order: Any = None,
         **defaults: Any,
     ):
+        # every argument is checked before anything is built; options no method reads are refused
+        check_options(type(self).__name__, defaults, self.option_names())
         lr = check_nonnegative_float("lr", lr)
         eps = check_positive_float("eps", eps)
         weight_decay = check_nonnegative_float("weight_decay", weight_decay)
         self.num_queries = check_positive_int("num_queries", num_queries)
         self.exact_restore = check_choice("exact_restore", exact_restore, (None, True, False))
-        seed = check_optional(check_int, "seed", seed)
+        self.one_sided = check_bool("one_sided", one_sided)
+        seed = check_optional(check_seed, "seed", seed)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, **defaults))
         for group in self.param_groups:
             check_nonnegative_float("lr", group["lr"])
             check_positive_float("eps", group["eps"])
+            check_nonnegative_float("weight_decay", group["weight_decay"])
         self.noise = SeededNoise(perturbation, chunk_numel=chunk_numel, num_threads=num_threads)
-        self.one_sided = bool(one_sided)
         self.zo_state: dict[str, int] = {
             "seed": int(torch.initial_seed() if seed is None else seed) & ((1 << 63) - 1),
             "step": 0,
@@ -187,6 +198,37 @@ class ZOOptimizer(Optimizer):
         self._active: set[int] | None = None  # ids of the scope (block) being stepped
         self._query_offset = 0
         self._update_queries = 1
+        self.last_step_skipped = False
+        """Whether the last ``step`` left some parameters unmoved (non-finite loss or first-order gradients)."""
+        self._check_trainable()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The keyword options this optimizer's constructor accepts (``params`` excluded)."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                for parameter in inspect.signature(init).parameters.values():
+                    keyword = parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+                    if keyword and parameter.name not in ("self", "params") and parameter.name not in names:
+                        names.append(parameter.name)
+            if klass is ZOOptimizer:
+                break
+        return names
+
+    def _check_trainable(self) -> None:
+        """Refuse to run when no parameter is left for the estimate: the step would train nothing silently."""
+        if not self.trainable_parameters():
+            why = (
+                "every parameter with requires_grad=True belongs to the first-order part"
+                if self._excluded
+                else "none of its params has requires_grad=True"
+            )
+            raise ValueError(
+                f"{type(self).__name__} has no parameter to train: {why}; unfreeze some "
+                "(p.requires_grad_(True)) or pass the parameters to train"
+            )
 
     # ----------------------------------------------------------------------------- bookkeeping
     def _indexed_params(self) -> list[tuple[dict, list[torch.Tensor], list[int]]]:
@@ -414,22 +456,29 @@ class ZOOptimizer(Optimizer):
         The parts' hooks run around it (see :mod:`lightning_bpfree.zo.parts`): with ``blocks``,
         one such estimate and update per block; with ``sparsity``, the masks are resampled first
         when due; with ``first_order``, its gradients are computed at theta first and its
-        optimizer steps last.
+        optimizer steps last, and a non-finite first-order loss or gradient skips the whole step
+        (nothing moves; ``last_step_skipped`` tells). A step with no parameter left to train
+        (all frozen since construction) raises ``ValueError``.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        self._check_trainable()  # parameters may have been frozen since construction
         for part in self.parts:
             part.before_step(self, closure)
-        scopes = next((scopes for part in self.parts if (scopes := part.scopes()) is not None), [None])
-        losses = []
-        try:
-            for number, scope in enumerate(scopes):
-                self._active = None if scope is None else {id(p) for p in scope}
-                self._query_offset = number * self.num_queries
-                losses.append(self.step_once(closure, advance=number == len(scopes) - 1))
-        finally:
-            self._active, self._query_offset = None, 0
-        loss = losses[0]
+        if any(part.skips_step() for part in self.parts):
+            loss = self._skip_step()
+        else:
+            scopes = next((scopes for part in self.parts if (scopes := part.scopes()) is not None), [None])
+            losses, skipped = [], False
+            try:
+                for number, scope in enumerate(scopes):
+                    self._active = None if scope is None else {id(p) for p in scope}
+                    self._query_offset = number * self.num_queries
+                    losses.append(self.step_once(closure, advance=number == len(scopes) - 1))
+                    skipped = skipped or self.last_estimate.skipped
+            finally:
+                self._active, self._query_offset = None, 0
+            loss, self.last_step_skipped = losses[0], skipped
         for part in self.parts:
             loss = part.after_step(self, loss)
         return loss
@@ -446,6 +495,15 @@ class ZOOptimizer(Optimizer):
             self.zo_state["step"] += 1
         self.last_estimate = estimate
         return torch.tensor(estimate.loss)
+
+    def _skip_step(self) -> torch.Tensor:
+        """A step a part refused (non-finite first-order loss): nothing moves, the skip is counted."""
+        estimate = self._new_estimate()
+        estimate.record(math.nan, math.nan, math.nan)
+        self.zo_state["skipped_steps"] += 1
+        self.zo_state["step"] += 1
+        self.last_estimate, self.last_step_skipped = estimate, True
+        return torch.tensor(math.nan)
 
     def apply_estimate(self, estimate: ZOEstimate, closure: Callable[[], Any], use_backup: bool) -> None:
         """Move theta from a finite estimate (``update``; ZO-SGD-Cons also compares candidates)."""

@@ -6,10 +6,13 @@ first-order training: each is a :class:`ZOPart` (``ParameterBlocks`` in ``blocks
 the hooks below at fixed points of ``step``, in the order the parts were given:
 
 1. ``before_step(optimizer, closure)`` on every part (resample masks, first-order gradients ...);
+   then, if any part's ``skips_step()`` is True (the first-order loss or gradients are not
+   finite), the whole step is skipped: nothing moves, the skip is counted, go to 3;
 2. one estimate-and-update pass per scope: the first part whose ``scopes()`` is not ``None``
    splits the trainable parameters into subsets stepped one after the other (blocks), otherwise
    one pass over all of them; ``chunk_mask`` of every part multiplies the noise of each chunk;
-3. ``after_step(optimizer, loss)`` on every part, which may replace the returned loss.
+3. ``after_step(optimizer, loss)`` on every part, which may replace the returned loss; the
+   optimizer's ``last_step_skipped`` says whether the step (or any block's estimate) was skipped.
 
 Parameters listed by ``excluded()`` are never perturbed nor updated by the ZO estimate, and a part
 with a ``state_key`` has its ``state_dict()`` saved under that key of the optimizer's state dict.
@@ -35,6 +38,10 @@ class ZOPart:
 
     def before_step(self, optimizer: Any, closure: Callable[[], Any]) -> None:
         """Run at the start of ``optimizer.step(closure)``, before any perturbation."""
+
+    def skips_step(self) -> bool:
+        """Asked after ``before_step``: True to skip this whole step (nothing is perturbed nor updated)."""
+        return False
 
     def scopes(self) -> Sequence[Sequence[torch.Tensor]] | None:
         """Parameter subsets to estimate and update one after the other (``None``: all at once)."""

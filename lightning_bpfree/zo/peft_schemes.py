@@ -47,6 +47,8 @@ def apply_scheme(model: nn.Module, scheme: str, task_type: str = "CAUSAL_LM", **
     Returns:
         the model to train (a ``peft.PeftModel`` for lora / prefix / prompt, else ``model``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice("scheme", scheme, SCHEMES)
     if scheme in ("full", "head") and options:  # no peft config to pass them to
         raise ValueError(f"scheme={scheme!r} takes no options, got {sorted(options)}")

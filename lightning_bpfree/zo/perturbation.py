@@ -17,6 +17,7 @@ direction for fp32, bf16 and fp16 weights.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +32,18 @@ _MIN_PARALLEL_NUMEL = 1 << 18
 
 
 def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 finaliser applied to each value in turn)."""
+    """Hash integers into one 63-bit seed (splitmix64 finaliser applied to each value in turn).
+
+    Integers of any size and sign are accepted (taken modulo 2^64); floats, strings and ``None``
+    are refused with a ``TypeError`` (``int(1.5)`` would silently hash as ``1``).
+    """
     state = 0x9E3779B97F4A7C15
     for value in values:
-        state = (state ^ (int(value) & _MASK64)) & _MASK64
+        try:
+            value = operator.index(value)  # ints, numpy ints, 0-d integer tensors; never floats
+        except TypeError:
+            raise TypeError(f"mix_seed takes integers, got {value!r} ({type(value).__name__})") from None
+        state = (state ^ (value & _MASK64)) & _MASK64
         state = (state + 0x9E3779B97F4A7C15) & _MASK64
         z = state
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

@@ -80,7 +80,7 @@ class GradientSparsity(ZOPart):
         self.fraction = check_probability("fraction", fraction, include_one=False)
         self.method = check_choice("method", method, SPARSITY_METHODS)
         self.resample_every = check_positive_int("resample_every", resample_every)
-        self.min_numel = check_int("min_numel", min_numel)
+        self.min_numel = check_int("min_numel", min_numel, low=0)
         self.group = check_choice("group", group, SPARSITY_GROUPS)
         self.masks: dict[int, torch.Tensor] = {}  # parameter index -> bool mask (True = perturbed)
         self.counts: dict[int, int] = {}  # global mode: parameter index -> masked entries

@@ -16,7 +16,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_bpfree.zo.distributed import all_reduce_grads_mean, all_reduce_mean
+from lightning_bpfree.zo.distributed import (
+    all_reduce_grads_mean,
+    all_reduce_mean,
+    make_data_parallel,
+    undo_data_parallel,
+)
 from lightning_bpfree.zo.optim import ZOOptimizer
 
 __all__ = ["ZODataParallelStrategy", "all_reduce_grads_mean", "all_reduce_mean"]  # the reducers live in distributed.py
@@ -48,15 +53,12 @@ class ZODataParallelStrategy(DDPStrategy):
             )
         device = self.root_device if self.root_device.type == "cuda" else None
         for optimizer in zo_optimizers:
-            optimizer.zo_state["seed"] = int(self.broadcast(optimizer.zo_state["seed"], src=0))
-            optimizer.loss_reducer = lambda values, device=device: all_reduce_mean(values, device)
-            if optimizer.first_order is not None:
-                optimizer.first_order.grad_reducer = all_reduce_grads_mean
+            make_data_parallel(optimizer, device)
 
     def teardown(self) -> None:
         for optimizer in self.optimizers:
             if isinstance(optimizer, ZOOptimizer):
-                optimizer.loss_reducer = None
+                undo_data_parallel(optimizer)
         super().teardown()
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
