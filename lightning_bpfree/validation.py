@@ -139,3 +139,29 @@ def check_options(owner: str, options: Mapping[str, Any], accepted: Iterable[str
     if unknown:
         listed = ", ".join(sorted(accepted)) or "none"
         raise TypeError(f"{owner} got unknown option(s) {', '.join(map(repr, unknown))}; valid options: {listed}")
+
+
+def check_float_tensor(name: str, value: Any) -> Any:
+    """``value`` when it is a floating-point ``torch.Tensor``; ``TypeError`` naming ``name`` otherwise."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
+    return value
+
+
+def check_finite_tensor(name: str, value: Any, *, consequence: str = "") -> Any:
+    """``value`` (a tensor or numpy array) when every element is finite; otherwise a ``ValueError``
+    naming ``name``, counting the NaN / inf elements and adding ``consequence`` (what the caller does
+    instead, e.g. "NoProp refuses the batch rather than train on it")."""
+    import numpy as np
+    import torch
+
+    finite = torch.isfinite(value) if isinstance(value, torch.Tensor) else np.isfinite(np.asarray(value))
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{name} holds NaN or inf: {bad} non-finite value(s)" + (f"; {consequence}" if consequence else "")
+        )
+    return value

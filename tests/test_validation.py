@@ -84,3 +84,18 @@ def test_choices_and_unknown_options():
     check_options("ZOSGD", {"lr": 1.0}, ["lr", "eps"])
     with pytest.raises(TypeError, match=r"ZOSGD got unknown option\(s\) 'num_querys'; valid options: eps, lr"):
         check_options("ZOSGD", {"num_querys": 4}, ["lr", "eps"])
+
+
+def test_float_tensor_and_finite_tensor_checks():
+    from lightning_bpfree.validation import check_finite_tensor, check_float_tensor
+
+    x = torch.ones(3)
+    assert check_float_tensor("x", x) is x
+    for bad, kind in ((torch.ones(3, dtype=torch.long), "torch.int64 tensor"), ([1.0], "list")):
+        with pytest.raises(TypeError, match=f"x must be a floating-point tensor, got a? ?{kind}"):
+            check_float_tensor("x", bad)
+    assert check_finite_tensor("x", x) is x
+    with pytest.raises(ValueError, match=r"^images holds NaN or inf: 2 non-finite value\(s\); refused$"):
+        check_finite_tensor("images", torch.tensor([1.0, math.nan, -math.inf]), consequence="refused")
+    with pytest.raises(ValueError, match=r"rewards holds NaN or inf: 1 non-finite"):
+        check_finite_tensor("rewards", np.array([0.0, np.inf]))

@@ -29,7 +29,7 @@ from lightning_bpfree.attribution.model_interface import (
     token_embeddings,
     vocabulary_size,
 )
-from lightning_bpfree.validation import check_int, check_positive_int
+from lightning_bpfree.validation import check_finite_tensor, check_int, check_positive_int
 
 
 def _checked_sequence(model, input_ids: Tensor) -> Tensor:
@@ -98,8 +98,7 @@ def attention_attribution(model: LanguageModel, input_ids: Tensor, *, layer: int
     if not -len(attentions) <= layer < len(attentions):
         raise ValueError(f"layer must be in [{-len(attentions)}, {len(attentions)}) for this model, got {layer}")
     weights = attentions[layer][0, :, -1].float().mean(0).cpu()
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError("the model output (attention weights) holds NaN or infinite values")
+    check_finite_tensor("the model output (attention weights)", weights)
     return weights
 
 

@@ -34,7 +34,14 @@ from lightning_bpfree.attribution.model_interface import (
     model_device,
     token_embeddings,
 )
-from lightning_bpfree.validation import check_choice, check_float, check_int, check_optional, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_finite_tensor,
+    check_float,
+    check_int,
+    check_optional,
+    check_positive_int,
+)
 
 ATTRIBUTION_METHODS = ("jvp", "backward")
 
@@ -161,8 +168,7 @@ def importance_density(attribution: Tensor, L: int = 10, b: int = 7, p: float = 
         raise ValueError(
             f"attribution must hold at least one output and one input, got shape {tuple(attribution.shape)}"
         )
-    if not bool(torch.isfinite(attribution).all()):
-        raise ValueError("attribution holds NaN or infinite values; the density of non-finite scores is undefined")
+    check_finite_tensor("attribution", attribution, consequence="the density of non-finite scores is undefined")
     check_positive_int("L", L)
     check_int("b", b, low=0, high=L - 1)
     check_float("p", p, low=1.0, low_open=True)  # for p = 1 the L1/Lp ratio is the same for every token
@@ -187,8 +193,7 @@ def instruction_score(density: Tensor, instruction_mask: Tensor) -> float:
     """
     if not isinstance(density, Tensor) or density.dim() != 1:
         raise TypeError(f"density must be a 1-D tensor [N] from importance_density, got {density!r}")
-    if not bool(torch.isfinite(density).all()):
-        raise ValueError("density holds NaN or infinite values")
+    check_finite_tensor("density", density)
     if not isinstance(instruction_mask, Tensor) or instruction_mask.dtype != torch.bool:
         raise TypeError("instruction_mask must be a bool tensor marking the instruction's tokens")
     if instruction_mask.shape != density.shape:

@@ -33,6 +33,7 @@ from lightning_bpfree.attribution.model_interface import (
 )
 from lightning_bpfree.validation import (
     check_choice,
+    check_finite_tensor,
     check_float,
     check_int,
     check_optional,
@@ -281,8 +282,7 @@ def _batched(input_ids: Tensor, importance: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"importance must have one score per input token: shape {tuple(ids.shape)}, got {tuple(importance.shape)}"
         )
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("importance holds NaN or infinite values")
+    check_finite_tensor("importance", scores)
     return ids, scores
 
 

@@ -18,7 +18,6 @@ from lightning_bpfree.diffusion.adjoint import AdjointSampler
 from lightning_bpfree.diffusion.targets import (
     TARGETS,
     ParameterFilter,
-    check_finite_float_tensor,
     expand_to_batch,
     objective_loss,
     parameter_selector,
@@ -27,7 +26,14 @@ from lightning_bpfree.diffusion.targets import (
     select_trainable_weights,
     token_positions,
 )
-from lightning_bpfree.validation import check_choice, check_int, check_positive_float, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_finite_tensor,
+    check_float_tensor,
+    check_int,
+    check_positive_float,
+    check_positive_int,
+)
 
 
 class AdjointDPMCustomization(pl.LightningModule):
@@ -115,7 +121,8 @@ class AdjointDPMCustomization(pl.LightningModule):
             ("conditioning", conditioning),
             ("negative_conditioning", negative_conditioning),
         ):
-            check_finite_float_tensor(name, tensor)
+            if tensor is not None:
+                check_finite_tensor(name, check_float_tensor(name, tensor))
         if target == "conditioning" and conditioning.ndim != 3:
             raise ValueError(f"conditioning must be [B, L, D], got shape {tuple(conditioning.shape)}")
         if trainable_tokens is not None:

@@ -87,18 +87,6 @@ def sample_shape_of(
     return (int(channels), int(height), int(width))
 
 
-def check_finite_float_tensor(name: str, tensor: torch.Tensor | None) -> None:
-    """Refuse (naming ``name``) a value that is not a floating-point tensor or holds NaN / inf; None passes."""
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        kind = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        raise ValueError(f"{name} holds {int((~finite).sum())} non-finite value(s) (NaN or inf)")
-
-
 def seeded_noise(batch_size: int, sample_shape: Sequence[int], seed: int) -> torch.Tensor:
     """Standard-normal ``x_T`` ``[batch_size, *sample_shape]`` on the CPU, the same for the same ``seed``."""
     generator = torch.Generator().manual_seed(seed)

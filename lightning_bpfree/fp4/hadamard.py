@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lightning_bpfree.fp4.constants import WGRAD_SIGNS
-from lightning_bpfree.fp4.quantize import check_float_tensor
+from lightning_bpfree.validation import check_float_tensor
 
 
 def sylvester_hadamard(size: int) -> torch.Tensor:

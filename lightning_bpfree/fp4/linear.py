@@ -26,14 +26,13 @@ from lightning_bpfree.fp4.formats import get_format
 from lightning_bpfree.fp4.hadamard import random_hadamard_transform
 from lightning_bpfree.fp4.quantize import (
     QuantizedTensor,
-    check_float_tensor,
     check_generator,
     dequantize,
     fake_quantize,
     quantize,
 )
 from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec, check_recipe
-from lightning_bpfree.validation import check_bool, check_choice, check_positive_int, check_seed
+from lightning_bpfree.validation import check_bool, check_choice, check_float_tensor, check_positive_int, check_seed
 
 
 def _quantizer_kwargs(spec: OperandSpec, generator: torch.Generator | None) -> dict:

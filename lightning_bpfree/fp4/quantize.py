@@ -52,7 +52,7 @@ from lightning_bpfree.fp4.formats import (
     round_to_e2m1,
     unpack_codes,
 )
-from lightning_bpfree.validation import check_bool, check_choice
+from lightning_bpfree.validation import check_bool, check_choice, check_float_tensor
 
 
 @dataclass
@@ -93,14 +93,6 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self, dtype)
-
-
-def check_float_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
-    """``value`` when it is a floating-point tensor; ``TypeError`` naming ``name`` otherwise."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        kind = f"{type(value).__name__} {getattr(value, 'dtype', '')}".strip()
-        raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
-    return value
 
 
 def _check_input(x: torch.Tensor, fmt: FP4Format, block_2d: bool, pad: bool) -> None:

@@ -36,6 +36,7 @@ from lightning_bpfree.noprop.schedules import (
 from lightning_bpfree.validation import (
     check_bool,
     check_choice,
+    check_finite_tensor,
     check_int,
     check_nonnegative_float,
     check_optional,
@@ -67,8 +68,8 @@ class _NoPropNet(nn.Module):
         super().__init__()
         check_widths(hidden, channels)
         check_optional(check_bool, "train_embedding", train_embedding)
-        if prototypes is not None and not bool(torch.isfinite(torch.as_tensor(prototypes)).all()):
-            raise ValueError("prototypes holds NaN or inf values")
+        if prototypes is not None:
+            check_finite_tensor("prototypes", torch.as_tensor(prototypes))
         self.hidden, self.channels = hidden, channels
         self.num_classes = check_int("num_classes", num_classes, low=2)
         self.image_shape = check_image_shape(image_shape)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_int, check_positive_int
+from lightning_bpfree.validation import check_choice, check_finite_tensor, check_int, check_positive_int
 
 EMBEDDINGS = ("one-hot", "learned", "prototype")
 
@@ -51,8 +51,7 @@ def check_images(images: Tensor, image_shape: tuple[int, int, int]) -> None:
             f"images must have shape [B, {image_shape[0]}, {image_shape[1]}, {image_shape[2]}] with B >= 1 "
             f"(image_shape={image_shape}), got {tuple(images.shape)}"
         )
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("images holds NaN or inf values; NoProp refuses the batch rather than train on it")
+    check_finite_tensor("images", images, consequence="NoProp refuses the batch rather than train on it")
 
 
 class ImageEncoder(nn.Module):

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_nonnegative_float, check_positive_int
+from lightning_bpfree.validation import check_choice, check_finite_tensor, check_nonnegative_float, check_positive_int
 
 F_DIVERGENCES = ("pearson_chi2", "reverse_kl")
 GRADIENTS = ("orthogonal", "semi", "true")
@@ -238,8 +238,8 @@ def check_batch(batch: Mapping[str, Tensor], keys: Sequence[str] = BATCH_KEYS) -
             raise ValueError(f"batch[{key!r}] must be {expected} with B >= 1, got shape {tuple(value.shape)}")
         if value.shape[0] != batch[keys[0]].shape[0]:
             raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, batch[{keys[0]!r}] {batch[keys[0]].shape[0]}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"batch[{key!r}] holds NaN or inf values; ODICE refuses the batch rather than train on it")
+        if value.is_floating_point():
+            check_finite_tensor(f"batch[{key!r}]", value, consequence="ODICE refuses the batch rather than train on it")
     if "next_observations" in keys and batch["next_observations"].shape != batch["observations"].shape:
         raise ValueError(
             f"batch['next_observations'] has shape {tuple(batch['next_observations'].shape)}, "

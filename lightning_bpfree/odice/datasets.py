@@ -33,6 +33,7 @@ import torch
 
 from lightning_bpfree.validation import (
     check_choice,
+    check_finite_tensor,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
@@ -90,9 +91,8 @@ class OfflineDataset:
             values = getattr(self, name)
             if not np.issubdtype(values.dtype, np.number):
                 raise TypeError(f"{name} must hold numbers, got dtype {values.dtype}")
-            if not np.isfinite(values).all():
-                # refused here, at the source, rather than training the value net to NaN
-                raise ValueError(f"{name} holds {int((~np.isfinite(values)).sum())} non-finite value(s) (NaN or inf)")
+            # refused here, at the source, rather than training the value net to NaN
+            check_finite_tensor(name, values)
         self.terminals = self.terminals.astype(bool)
         self.timeouts = self.timeouts.astype(bool)
 
