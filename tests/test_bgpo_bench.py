@@ -15,6 +15,13 @@ def test_memory_probe_bgpo_and_naive_take_the_same_step():
     naive = memory_probe("naive", 4, **small)
     # same seed, same draws, theta = theta_old: the surrogate and the exact loss agree in value
     assert bgpo["loss"] == pytest.approx(naive["loss"], rel=1e-5, abs=1e-6)
+    # ... and in gradient (Lin et al.: the bound touches the objective at theta_old), so the update is the same
+    assert bgpo["grad_norm"] > 0
+    assert bgpo["grad_norm"] == pytest.approx(naive["grad_norm"], rel=1e-4)
+    assert bgpo["grad_projection"] == pytest.approx(naive["grad_projection"], rel=1e-4, abs=1e-6 * bgpo["grad_norm"])
+    # diffu-GRPO's one-step estimate is another objective: its gradient differs, so the check can fail
+    other = memory_probe("diffu-grpo", 1, **small)
+    assert other["grad_projection"] != pytest.approx(naive["grad_projection"], rel=1e-2)
     assert bgpo["seconds"] > 0 and torch.isfinite(torch.tensor(bgpo["loss"]))
 
 

@@ -61,7 +61,11 @@ def test_trainer_steps_once_per_batch_and_callback_evaluates_on_schedule():
     trainer.fit(model, offline_dataloader(data, batch_size=32, num_batches=6))
     assert trainer.global_step == 6  # value and policy share one optimizer step per batch
     assert [row["step"] for row in evaluation.history] == [0.0, 3.0, 6.0]
-    assert all(-1.0 <= row["cos_forward_backward"] <= 1.0 for row in evaluation.history[1:])
+    # each evaluation row holds the mean cos(g_f, g_b) of the training steps since the one before
+    cosines = [metrics["train/cos_forward_backward"] for _, metrics in recorder.rows if "train/cos_forward_backward" in metrics]
+    assert len(cosines) == 6
+    for row, window in zip(evaluation.history[1:], (cosines[:3], cosines[3:])):
+        assert row["cos_forward_backward"] == pytest.approx(sum(window) / 3, rel=1e-6)
     eval_rows = [metrics for _, metrics in recorder.rows if "eval/normalized_return" in metrics]
     assert len(eval_rows) == 3
     assert any("train/cos_forward_backward" in metrics for _, metrics in recorder.rows)

@@ -84,3 +84,4 @@ def test_demo_trainer_runs_its_steps_and_the_progress_bar_counts_real_epochs(tmp
     trainer.fit(Regressor(), train_loader)
     assert trainer.global_step == 7 and trainer.max_epochs == 3
     assert shown == ["Epoch 0/2"] * 3 + ["Epoch 1/2"] * 3 + ["Epoch 2/2"]
+

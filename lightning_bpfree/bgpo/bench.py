@@ -78,7 +78,17 @@ def memory_probe(objective: str, num_mc_samples: int, seed: int = 0, **size: int
     optimizer.zero_grad()
     stats = accumulate_policy_gradient(policy, batch)
     optimizer.step()
-    return {"seconds": time.perf_counter() - start, "loss": stats["loss"]}
+    seconds = time.perf_counter() - start
+    # the gradient, summarised by its norm and its projection on a fixed random direction, so that two
+    # objectives can be compared at theta = theta_old, where BGPO's bound has the exact gradient
+    gradient = torch.cat([p.grad.reshape(-1) for p in policy.parameters() if p.grad is not None])
+    direction = torch.randn(gradient.numel(), generator=torch.Generator().manual_seed(12345))
+    return {
+        "seconds": seconds,
+        "loss": stats["loss"],
+        "grad_norm": float(gradient.norm()),
+        "grad_projection": float(gradient @ direction),
+    }
 
 
 def memory_sweep(quick: bool, seed: int, threads: int | None = None) -> list[dict[str, Any]]:

@@ -160,8 +160,12 @@ def measure(method: str, batch_size: int, num_blocks: int, hidden: int, channels
 
 def step_memory(
     method: str, batch_size: int, num_blocks: int, hidden: int, channels: list[int], steps: int = 3
-) -> None:
-    """Run ``steps`` training steps of ``method`` on one random batch (plain PyTorch, AdamW)."""
+) -> dict[str, int]:
+    """Run ``steps`` training steps of ``method`` on one random batch (plain PyTorch, AdamW).
+
+    Returns ``{"trainable": n, "changed": m}``: how many trainable parameter tensors there are and how
+    many the steps moved, so a probe that silently trains nothing is caught.
+    """
     from lightning_bpfree.noprop.algorithms import NoPropCTNet, NoPropDTNet, NoPropFMNet, noprop_dt_step
     from lightning_bpfree.noprop.backbone import BackpropClassifier
 
@@ -173,9 +177,10 @@ def step_memory(
         net = NoPropDTNet(10, IMAGE_SHAPE, num_blocks=num_blocks, **shared)
         block_optimizers = [torch.optim.AdamW(block.parameters()) for block in net.blocks]
         head_optimizer = torch.optim.AdamW(net.head_parameters())
+        before = _trainable_copy(net)
         for _ in range(steps):
             noprop_dt_step(net, block_optimizers, head_optimizer, images, labels)
-        return
+        return _moved(net, before)
     if method == "backprop":
         net = BackpropClassifier(10, IMAGE_SHAPE, **shared)
 
@@ -188,10 +193,22 @@ def step_memory(
             return net.loss(images, labels)[0]
 
     optimizer = torch.optim.AdamW(net.parameters())
+    before = _trainable_copy(net)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss_fn().backward()
         optimizer.step()
+    return _moved(net, before)
+
+
+def _trainable_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+
+
+def _moved(net: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, int]:
+    parameters = dict(net.named_parameters())
+    changed = sum(not torch.equal(parameters[name], value) for name, value in before.items())
+    return {"trainable": len(before), "changed": changed}
 
 
 LAST_EPOCHS = 5
