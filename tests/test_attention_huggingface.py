@@ -222,3 +222,23 @@ def test_partial_soft_weights_in_a_checkpoint_raise(tmp_path):
     with pytest.raises(ValueError, match="no SOFT weight"):
         use_soft_attention(plain)
     assert not any(isinstance(m, SOFTKernelAttention) for m in plain.modules())
+
+
+def test_released_code_options_pass_through_and_survive_saving(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = use_soft_attention(tiny_bert(), num_landmarks=4, ridge=0.01, landmark_bias=False).eval()
+    cores = [m for m in model.modules() if isinstance(m, SOFTKernelAttention)]
+    assert all(core.ridge == 0.01 and core.landmark_proj.bias is None for core in cores)
+    assert model.config.soft_attention["ridge"] == 0.01 and model.config.soft_attention["landmark_bias"] is False
+    ids = torch.randint(5, 100, (2, 12))
+    before = model(input_ids=ids).logits
+    # The ridge reaches the layers: without it the same weights give other outputs.
+    for core in cores:
+        core.ridge = 0.0
+    assert (model(input_ids=ids).logits - before).abs().max() > 1e-6
+    for core in cores:
+        core.ridge = 0.01
+    model.save_pretrained(tmp_path)
+    loaded = use_soft_attention(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)).eval()
+    assert loaded.config.soft_attention == model.config.soft_attention
+    torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=0, atol=1e-6)

@@ -134,16 +134,28 @@ def test_nystrom_form_is_exact_when_every_token_is_a_landmark():
 
 
 def test_soft_core_equals_its_formula():
-    core = SOFTKernelAttention(4, num_landmarks=3, newton_iters=20, normalize=True).double()
+    # The reference uses neither the layer's kernel nor its pseudo-inverse: torch.cdist for the Gaussian
+    # kernel, torch.linalg.pinv for the inverse, the landmark maps written out from their weights.
+    torch.manual_seed(0)
+    core = SOFTKernelAttention(4, num_landmarks=3, newton_iters=100, normalize=True).double()
     q = torch.randn(1, 2, 9, 4, dtype=torch.float64)
     v = torch.randn(1, 2, 9, 4, dtype=torch.float64)
     pooled = q.reshape(1, 2, 3, 3, 4).mean(-2)  # 9 tokens -> 3 segments of 3
-    landmarks = torch.nn.functional.gelu(core.landmark_norm(core.landmark_proj(pooled)))
-    kernel_ll = gaussian_kernel(landmarks, landmarks)
+    projected = pooled @ core.landmark_proj.weight.T + core.landmark_proj.bias
+    centred = projected - projected.mean(-1, keepdim=True)
+    normed = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + core.landmark_norm.eps)
+    normed = normed * core.landmark_norm.weight + core.landmark_norm.bias
+    landmarks = 0.5 * normed * (1 + torch.erf(normed / math.sqrt(2)))  # exact GELU
+
+    def kernel(a, b):
+        return torch.exp(-torch.cdist(a, b).pow(2) / 2)
+
+    kernel_ll = kernel(landmarks, landmarks)
     inv_sqrt_degree = kernel_ll.sum(-1).rsqrt()
-    inverse = inv_sqrt_degree[..., :, None] * newton_pinv(kernel_ll, 20) * inv_sqrt_degree[..., None, :]
-    kernel_ql = gaussian_kernel(q, landmarks)
-    torch.testing.assert_close(core(q, v), kernel_ql @ inverse @ kernel_ql.transpose(-1, -2) @ v)
+    inverse = inv_sqrt_degree[..., :, None] * torch.linalg.pinv(kernel_ll) * inv_sqrt_degree[..., None, :]
+    kernel_ql = kernel(q, landmarks)
+    expected = kernel_ql @ inverse @ kernel_ql.transpose(-1, -2) @ v
+    torch.testing.assert_close(core(q, v), expected, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -273,3 +285,104 @@ def test_bf16_attention_stays_close_to_float32():
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and torch.isfinite(x_bf16.grad).all()
     assert (out.float() - reference).norm() / reference.norm() < 2e-2
+
+
+@pytest.mark.parametrize("ridge", [0.01, 0.5])
+def test_newton_pinv_with_ridge_inverts_the_shifted_matrix(ridge):
+    A = spd_matrix(16, 10.0)
+    shifted = A + ridge * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(newton_pinv(A, 40, ridge=ridge), torch.linalg.inv(shifted), rtol=1e-10, atol=1e-12)
+    # The ridge is not negligible: with eigenvalues 1 ... 0.1 it moves the inverse by 6.8 % (ridge 0.01).
+    moved = (torch.linalg.inv(shifted) - torch.linalg.pinv(A)).norm() / torch.linalg.pinv(A).norm()
+    assert moved > 0.05
+    A.requires_grad_(True)
+    weights = torch.randn(16, 16, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((newton_pinv(A, 40, ridge=ridge) * weights).sum(), A)
+    (reference,) = torch.autograd.grad((torch.linalg.inv(A + ridge * torch.eye(16, dtype=A.dtype)) * weights).sum(), A)
+    torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_newton_pinv_without_ridge_is_the_moore_penrose_inverse():
+    A = torch.zeros(6, 6, dtype=torch.float64)
+    A[:4, :4] = spd_matrix(4, 5.0)
+    torch.testing.assert_close(newton_pinv(A, 40, ridge=0.0), torch.linalg.pinv(A), rtol=1e-8, atol=1e-10)
+
+
+def test_ridge_needs_a_square_matrix_and_a_nonnegative_value():
+    with pytest.raises(ValueError, match="square"):
+        newton_pinv(torch.randn(4, 3, dtype=torch.float64), 5, ridge=0.01)
+    with pytest.raises(ValueError, match="ridge"):
+        newton_pinv(torch.eye(3), 5, ridge=-0.1)
+    with pytest.raises(ValueError, match="ridge"):
+        SOFTAttention(16, 2, ridge=-1.0)
+
+
+@pytest.mark.parametrize("landmarks", ["conv", "pool"])
+def test_landmark_bias_false_has_no_bias_parameter(landmarks):
+    with_bias = SOFTAttention(16, 2, landmarks=landmarks, conv_stride=2)
+    without = SOFTAttention(16, 2, landmarks=landmarks, conv_stride=2, landmark_bias=False)
+    op = "landmark_conv" if landmarks == "conv" else "landmark_proj"
+    assert getattr(with_bias.core, op).bias is not None
+    assert getattr(without.core, op).bias is None
+    names = {name for name, _ in without.named_parameters()}
+    assert f"core.{op}.weight" in names and f"core.{op}.bias" not in names
+    assert without(torch.randn(1, 16, 16), hw=(4, 4)).shape == (1, 16, 16)
+
+
+def released_soft_forward(layer: SOFTAttention, x: torch.Tensor, H: int, W: int, iters: int) -> torch.Tensor:
+    """fudan-zvg/SOFT's SoftmaxFreeAttention.forward (models/softmax_free_transformer.py, inverse.py:
+    newton_inv), written out from its formulas with the weights of ``layer``."""
+    b, n, dim = x.shape
+    heads, d = layer.num_heads, layer.head_dim
+    core = layer.core
+
+    def split(t):
+        return t.reshape(b, n, heads, d).transpose(1, 2)
+
+    Q = split(x @ layer.query.weight.T + layer.query.bias) / math.sqrt(math.sqrt(d))
+    V = split(x @ layer.value.weight.T + layer.value.bias)
+    grid = Q.reshape(b * heads, H, W, d).permute(0, 3, 1, 2)
+    landmarks = torch.nn.functional.conv2d(grid, core.landmark_conv.weight, stride=core.conv_stride)
+    landmarks = landmarks.flatten(2).transpose(1, 2).reshape(b, heads, -1, d)
+    landmarks = torch.nn.functional.gelu(
+        torch.nn.functional.layer_norm(landmarks, (d,), core.landmark_norm.weight, core.landmark_norm.bias)
+    )
+
+    def kernel(q, k):  # ||q||^2 + ||k||^2 - 2 q.k, then exp(-x / 2)
+        ones_k = torch.ones(d, k.shape[-2], dtype=q.dtype)
+        ones_q = torch.ones(q.shape[-2], d, dtype=q.dtype)
+        return torch.exp(-((q**2) @ ones_k + ones_q @ (k**2).transpose(-1, -2) - 2 * q @ k.transpose(-1, -2)) / 2)
+
+    kernel_1 = kernel(Q, landmarks)
+    kernel_2 = kernel(landmarks, landmarks)
+    P = kernel_2 + 0.01 * torch.eye(kernel_2.shape[-1], dtype=x.dtype)
+    alpha = 0.9 * 2 / torch.max(torch.sum(kernel_2, dim=-1), -1)[0] ** 2
+    inverse = alpha[..., None, None] * P
+    for _ in range(iters):
+        inverse = 2 * inverse - inverse @ P @ inverse
+    out = (kernel_1 @ inverse) @ (kernel_1.transpose(-1, -2) @ V)
+    out = out.transpose(1, 2).reshape(b, n, heads * d)
+    return out @ layer.out.weight.T + layer.out.bias
+
+
+def test_ridge_and_no_landmark_bias_reproduce_the_released_layer():
+    torch.manual_seed(0)
+    layer = SOFTAttention(
+        16, 2, landmarks="conv", conv_stride=2, qkv_bias=True, ridge=0.01, landmark_bias=False, newton_iters=20
+    ).double()
+    x = torch.randn(2, 64, 16, dtype=torch.float64)
+    ours = layer(x, hw=(8, 8))
+    released = released_soft_forward(layer, x, 8, 8, 20)
+    assert (ours - released).abs().max() < 1e-12
+    # The default (pseudo-inverse, no ridge) is a different layer: the ridge is visible in the output.
+    layer.core.ridge = 0.0
+    assert (layer(x, hw=(8, 8)) - released).abs().max() > 1e-6
+    layer.core.ridge = 0.01
+    # Gradients: the released backward is that of the exact inverse, so compare where the iteration converged.
+    layer.core.newton_iters = 60
+    ours_grads = torch.autograd.grad(layer(x, hw=(8, 8)).pow(2).sum(), list(layer.parameters()))
+    released_grads = torch.autograd.grad(
+        released_soft_forward(layer, x, 8, 8, 60).pow(2).sum(), list(layer.parameters()), allow_unused=True
+    )
+    for mine, theirs in zip(ours_grads, released_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)

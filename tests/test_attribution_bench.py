@@ -17,7 +17,10 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert set(rows) == {"ReAGent", "gradient x input", "integrated gradients", "attention (last layer)", "random"}
     for row in rows.values():
         assert 0.0 <= row["soft_ns"] <= 1.0 and row["soft_nc"] >= 0.0 and 0.0 <= row["recall@1"] <= 1.0
-    assert rows["random"]["soft_ns/random"] == pytest.approx(1.0)
+    for row in rows.values():  # each ratio is the method's score over the random baseline's, recomputed here
+        for key in ("soft_ns", "soft_nc"):
+            assert row[f"{key}/random"] == pytest.approx(row[key] / rows["random"][key])
+    assert rows["gradient x input"]["soft_nc"] != rows["random"]["soft_nc"]  # the methods are told apart
     assert len(figures["toy_reagent_runs"]) == 4
     assert (tmp_path / "attribution-bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ReAGent |" in (tmp_path / "attribution-bench.md").read_text()

@@ -46,6 +46,33 @@ def test_jvp_matches_central_differences_in_float64():
                 assert abs(numeric - float(attribution[m, n])) < 1e-9 + 1e-5 * abs(numeric)
 
 
+@pytest.mark.parametrize("method", ["jvp", "backward"])
+def test_log_probability_target_equals_autograd_and_probability_over_p(method):
+    model = tiny_causal_lm("gpt2", vocab_size=48, hidden_size=16, seed=4).double()
+    prompt, response = torch.tensor([5, 9, 17, 30, 4, 22]), torch.tensor([11, 7, 40])
+    log_attribution = jvp_attribution(model, prompt, response, method=method, target="log_probability").double()
+    prob_attribution = jvp_attribution(model, prompt, response, method=method, target="probability").double()
+    # Independent reference: reverse-mode gradient of log p(y_m), written out here, dotted with the embeddings.
+    sequence = torch.cat([prompt, response[:-1]])
+    embeds = model.get_input_embeddings()(sequence[None]).detach().requires_grad_(True)
+    log_probs = torch.log_softmax(model(inputs_embeds=embeds).logits[0], -1)
+    for m in range(response.numel()):
+        log_p = log_probs[prompt.numel() - 1 + m, response[m]]
+        (grad,) = torch.autograd.grad(log_p, embeds, retain_graph=True)
+        expected = (grad[0, : prompt.numel()] * embeds[0, : prompt.numel()]).sum(-1).detach()
+        assert float(expected.abs().max()) > 1e-4  # non-trivial, so the comparisons mean something
+        # float32 output: compare at float32 resolution of the largest entry.
+        torch.testing.assert_close(log_attribution[m], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        # Captum's input x gradient on log p is the probability attribution divided by p.
+        torch.testing.assert_close(log_attribution[m], prob_attribution[m] / log_p.exp().detach(), rtol=1e-5, atol=1e-9)
+
+
+def test_unknown_attribution_target_is_refused():
+    model = tiny_causal_lm("gpt2", vocab_size=32, hidden_size=16)
+    with pytest.raises(ValueError, match="target"):
+        jvp_attribution(model, torch.tensor([3, 4, 5]), torch.tensor([6]), target="logit")
+
+
 def test_positions_and_chunks_give_the_same_columns():
     model = tiny_causal_lm("gpt2", vocab_size=64, hidden_size=32)
     prompt, response = torch.arange(3, 13), torch.tensor([20, 21, 22])

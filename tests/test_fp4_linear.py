@@ -1,12 +1,25 @@
 """FP4 linear: forward and the three GEMMs' gradients equal autograd on the dequantized operands."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fp4_golden import golden_e4m3, golden_quantize, golden_ue5m3
 
-from lightning_bpfree.fp4 import FP4Linear, FP4Recipe, QuantizedTensor, fake_quantize, fp4_linear
+from lightning_bpfree.fp4 import FP4Linear, FP4Recipe, QuantizedTensor, fp4_linear
 from lightning_bpfree.fp4 import linear as linear_module
-from lightning_bpfree.fp4.hadamard import random_hadamard_transform
+
+# TransformerEngine's wgrad sign vector (transformer_engine/pytorch/tensor/nvfp4_tensor.py), written out
+TE_SIGNS = [1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1]
+
+
+def _golden_rht(t):
+    """``diag(signs) @ H16 / 4`` on 16-element chunks of the last dimension, rounded to bf16 as TE does."""
+    h16 = np.array([[1.0]])
+    for _ in range(4):
+        h16 = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h16)  # Sylvester construction
+    matrix = torch.tensor(np.array(TE_SIGNS, dtype=np.float64)[:, None] * h16 / 4, dtype=torch.float32)
+    return (t.reshape(-1, 16) @ matrix).reshape(t.shape).bfloat16().float()
 
 
 def _operands(tokens=40, in_features=32, out_features=48, seed=0):
@@ -19,12 +32,13 @@ def _operands(tokens=40, in_features=32, out_features=48, seed=0):
 
 
 def _reference(x, weight, bias, grad_out, recipe, seed):
-    """The same quantizers applied by hand, then plain autograd on the dequantized operands."""
+    """The recipe's GEMMs on operands quantized by the independent ``golden_quantize`` (no package numerics)."""
     generator = torch.Generator().manual_seed(seed)
+    scale_rounds = {"nvfp4": golden_e4m3, "ue5m3": golden_ue5m3}
 
     def q(t, name):
         spec = recipe.operand(name)
-        return fake_quantize(t, spec.fmt, block_2d=spec.block_2d, rounding=spec.rounding, generator=generator)
+        return golden_quantize(t, scale_rounds[spec.fmt], spec.block_2d, spec.rounding, generator)
 
     x2, dy = x.detach().reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
     x_q, w_q = q(x2, "fprop_input"), q(weight.detach(), "fprop_weight")
@@ -36,7 +50,7 @@ def _reference(x, weight, bias, grad_out, recipe, seed):
     def wgrad_operand(t, name):
         t = F.pad(t, (0, pad))
         if recipe.operand(name).rht:
-            t = random_hadamard_transform(t)
+            t = _golden_rht(t)
         return q(t, name)
 
     x_t = wgrad_operand(x2.T, "wgrad_input")  # quantized in forward, so it draws first only if stochastic
@@ -62,13 +76,17 @@ def test_forward_and_gradients_equal_autograd_on_dequantized_operands(recipe):
 
 def test_gradients_approximate_the_high_precision_ones():
     x, weight, bias, grad_out = _operands(tokens=256, in_features=64, out_features=64)
-    fp4_linear(x, weight, bias).backward(grad_out)
+    fp4_linear(x, weight, bias, generator=torch.Generator().manual_seed(11)).backward(grad_out)
     fp4_grads = x.grad.clone(), weight.grad.clone()
+    _, golden_dx, golden_dw, _ = _reference(x, weight, bias, grad_out, FP4Recipe(), seed=11)
     x.grad = weight.grad = None
     F.linear(x, weight, bias).backward(grad_out)
-    for approx, exact in zip(fp4_grads, (x.grad, weight.grad)):
+    for approx, golden, exact in zip(fp4_grads, (golden_dx, golden_dw), (x.grad, weight.grad)):
         relative = ((approx - exact).norm() / exact.norm()).item()
         assert 0.01 < relative < 0.3, relative
+        # the distance to the fp32 gradient is exactly the independent reference's, not merely "small"
+        assert torch.equal(approx, golden)
+        assert relative == ((golden - exact).norm() / exact.norm()).item()
 
 
 def test_no_quantized_gemm_is_exactly_nn_linear():

@@ -86,7 +86,17 @@ def test_sign_update_equals_its_formula(sign_mode):
     lr, eps, wd, q = 0.01, 1e-3, 0.1, 2
     opt = ZOSGDSign(model.parameters(), lr=lr, eps=eps, weight_decay=wd, num_queries=q, seed=3, sign_mode=sign_mode)
     for step in range(3):
+        before = snapshot(model)
         opt.step(lambda: loss_of(model, x, y))
+        if sign_mode == "elementwise":  # every coordinate moved by a multiple of lr / q (apart from the decay)
+            for old, new in zip(before, model.parameters()):
+                multiples = (new.detach() - old * (1 - lr * wd)) / (lr / q)
+                # a sum of q signs: an integer in -q, -q + 2, ..., q (z is never exactly 0)
+                torch.testing.assert_close(multiples, multiples.round(), rtol=0, atol=1e-9)
+                assert set(multiples.round().flatten().tolist()) <= set(range(-q, q + 1, 2))
+            # both agreeing (+-q) and cancelling (0) queries occur in 3 steps of 65 coordinates
+            moves = torch.cat([(new.detach() - old * (1 - lr * wd)).flatten() for old, new in zip(before, model.parameters())])  # fmt: skip
+            assert {-q, 0, q} <= set((moves / (lr / q)).round().tolist())
         estimates = zo_gradient(reference, x, y, 3, step, q, eps)
         with torch.no_grad():
             for i, p in enumerate(reference.parameters()):
@@ -96,8 +106,7 @@ def test_sign_update_equals_its_formula(sign_mode):
                 ) / q
                 p.copy_(p * (1 - lr * wd) - lr * direction)
     close(model.parameters(), reference.parameters())
-    if sign_mode == "elementwise":  # every coordinate moved by a multiple of lr / q (apart from the decay)
-        assert opt.sign_mode == "elementwise"
+    assert opt.sign_mode == sign_mode
 
 
 def test_momentum_equals_torch_sgd_fed_the_zo_gradient_and_its_decoupled_formula():

@@ -314,3 +314,51 @@ def test_resume_at_an_epoch_boundary_is_bitwise_identical_with_several_batches_p
     assert trainer.global_step == 12 and trainer.optimizers[0].zo_state["step"] == 12
     for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+class NormRegressor(Regressor):
+    """The regressor with a LayerNorm: weights, biases and norm weights to tell apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 1))
+
+
+@pytest.mark.parametrize("no_decay", ["default", None])
+def test_weight_decay_spares_biases_and_norm_weights_by_default(tmp_path, no_decay):
+    """One step written out: theta - lr (g z + wd theta) for decayed tensors, theta - lr g z for the others
+    (MeZO's zo_update), with g the optimizer's recorded projected gradient and z regenerated from its seed."""
+    from lightning_bpfree.zo import SeededNoise, mix_seed
+
+    torch.manual_seed(0)
+    module = NormRegressor()
+    named = dict(module.named_parameters())
+    before = {name: p.detach().clone() for name, p in named.items()}
+    lr, wd, seed = 0.1, 0.5, 11  # lr * wd = 5 %: the decay dominates the ZO step of a bias or a norm weight
+    options = {} if no_decay == "default" else {"no_decay": no_decay}
+    trainer = make_trainer(tmp_path, [ZerothOrder(lr=lr, eps=1e-3, weight_decay=wd, seed=seed, **options)], max_steps=1)
+    trainer.fit(module, loader())
+    optimizer = trainer.optimizers[0]
+    exempt = {"net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"} if no_decay == "default" else set()
+    # the optimizer numbers parameters in group order (decayed first) and draws each one's noise from that index
+    order = [n for n in named if n not in exempt] + [n for n in named if n in exempt]
+    (g,) = optimizer.last_estimate.projected_grads
+    assert abs(g) > 0
+    for index, name in enumerate(order):
+        z = SeededNoise().noise_like(before[name], mix_seed(seed, 0, 0), index)
+        decay = 0.0 if name in exempt else wd
+        expected = before[name] - lr * (g * z + decay * before[name])
+        torch.testing.assert_close(named[name].detach(), expected, rtol=1e-6, atol=1e-6)
+        # the other rule would be off by lr * wd * theta (5 % of the norm weights, which start at 1;
+        # nothing for the LayerNorm bias, which starts at 0)
+        if name != "net.1.bias":
+            wrong = before[name] - lr * (g * z + (wd - decay) * before[name])
+            assert (named[name].detach() - wrong).abs().max() > 1e-3
+    assert [g["weight_decay"] for g in optimizer.param_groups] == ([wd, 0.0] if exempt else [wd])
+
+
+def test_no_decay_must_be_none_the_default_or_a_callable():
+    for bad in ("bias", 1, ["bias"]):
+        with pytest.raises(TypeError, match="no_decay"):
+            ZerothOrder(weight_decay=0.1, no_decay=bad)
+    ZerothOrder(weight_decay=0.1, no_decay=lambda name, p: name.endswith("bias"))

@@ -206,3 +206,62 @@ def test_closure_errors_are_clear():
         opt.step(lambda: torch.zeros(3))
     with pytest.raises(TypeError, match="scalar"):
         opt.step(lambda: "loss")
+
+
+# ------------------------------------------------------------------ weight decay groups (issue 16, 1.2)
+def tiny_transformers_models():
+    """A 2-layer LLaMA (RMSNorm, no biases) and a 2-layer OPT (LayerNorm, biases), built offline from configs."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2,
+    ))  # fmt: skip
+    opt = OPTForCausalLM(OPTConfig(
+        vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, word_embed_proj_dim=16,
+    ))  # fmt: skip
+    return {"llama": llama, "opt": opt}
+
+
+def test_default_no_decay_equals_the_hugging_face_trainer_rule_and_mezo_differs_only_on_llama_final_norm():
+    from transformers import Trainer
+
+    from lightning_bpfree.zo.weight_decay import mezo_no_decay, no_decay_names, weight_decay_groups
+
+    models = tiny_transformers_models()
+    for kind, model in models.items():
+        names = [name for name, _ in model.named_parameters()]
+        # the reference: transformers' own Trainer.get_decay_parameter_names (uses nothing of self)
+        # (intersected with named_parameters: it also lists OPT's lm_head.weight, tied to embed_tokens)
+        hf_decayed = set(Trainer.get_decay_parameter_names(None, model)) & set(names)
+        exempt = set(no_decay_names(model))
+        assert set(names) - exempt == hf_decayed, kind
+        groups = weight_decay_groups(model, 0.5)
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        assert [[by_id[id(p)] for p in g["params"]] for g in groups] == [
+            [n for n in names if n in hf_decayed], [n for n in names if n not in hf_decayed]
+        ]
+        assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+        mezo_exempt = set(no_decay_names(model, mezo_no_decay))
+        if kind == "opt":  # every OPT norm is named *layer_norm: the name rule and the type rule agree
+            assert mezo_exempt == exempt and len(exempt) == 5 * 2 + 2 * 6  # 5 LayerNorms, 6 biased Linears per layer
+        else:  # LLaMA's final RMSNorm is named "norm": MeZO's name rule decays it, the type rule does not
+            assert exempt - mezo_exempt == {"model.norm.weight"} and len(mezo_exempt) == 4
+
+
+def test_weight_decay_groups_single_group_when_nothing_is_exempt_and_bad_no_decay_is_a_type_error():
+    from lightning_bpfree.zo.weight_decay import is_normalization, weight_decay_groups
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.GroupNorm(2, 4), nn.RMSNorm(4), nn.Linear(4, 1))
+    params = list(model.parameters())
+    for groups in (weight_decay_groups(model, 0.1, None), weight_decay_groups(model, 0.0)):
+        assert len(groups) == 1 and groups[0]["params"] == params
+    groups = weight_decay_groups(model, 0.1)  # only the two Linear weights are decayed
+    assert groups[0]["params"] == [params[0], params[-2]] and len(groups[1]["params"]) == len(params) - 2
+    assert all(is_normalization(m) for m in model[1:4]) and not is_normalization(model[0])
+    custom = weight_decay_groups(model, 0.1, lambda name, p: p.ndim == 1)
+    assert custom[0]["params"] == [params[0], params[-2]]
+    for bad in ("bias", 0, ["bias"]):
+        with pytest.raises(TypeError, match="no_decay"):
+            weight_decay_groups(model, 0.1, bad)

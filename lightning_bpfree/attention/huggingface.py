@@ -192,7 +192,8 @@ def use_soft_attention(model: nn.Module, **options: Any) -> nn.Module:
         model: a transformers ``PreTrainedModel``.
         **options: :class:`~lightning_bpfree.attention.soft.SOFTKernelAttention` options:
             ``num_landmarks`` (49), ``newton_iters`` (20), ``normalize`` (False), ``landmarks`` ("pool"),
-            ``conv_stride``, ``project_landmarks``, ``value_conv_kernel``. Without options, the settings
+            ``conv_stride``, ``project_landmarks``, ``value_conv_kernel``, ``ridge`` (0.0; the released
+            SOFT code uses 0.01), ``landmark_bias`` (True; the released code has none). Without options, the settings
             saved in ``model.config.soft_attention`` if there are any, else the defaults.
 
     Raises:

@@ -16,7 +16,10 @@ much padding a sequence carries (see :class:`SOFTKernelAttention`).
 
 Differences from the reference code (fudan-zvg/SOFT): it runs on any device (the reference asserts CUDA);
 the default landmarks are a fixed number ``m`` of pooled segments (the reference's strided convolution,
-whose landmark count grows with ``N``, is ``landmarks="conv"``); the symmetric normalization is a flag.
+whose landmark count grows with ``N``, is ``landmarks="conv"``); the symmetric normalization is a flag; the
+Newton iteration takes the pseudo-inverse of the landmark kernel where the reference inverts ``A + 0.01 I``,
+and the landmark convolution has a bias where the reference has none. ``ridge=0.01, landmark_bias=False``
+(with ``landmarks="conv"`` and ``qkv_bias=True``) computes the released layer, e.g. to load its checkpoints.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lightning_bpfree.validation import (
     check_bool,
     check_choice,
     check_int,
+    check_nonnegative_float,
     check_optional,
     check_options,
     check_positive_int,
@@ -71,43 +75,57 @@ def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
     return torch.exp(-0.5 * sq_dist.clamp_min(0.0))
 
 
-def newton_schulz_pinv(A: Tensor, iters: int) -> Tensor:
-    """Newton-Schulz iteration ``V <- 2V - V A V`` from ``V0 = alpha A^T`` (no autograd graph needed).
+def newton_schulz_pinv(A: Tensor, iters: int, ridge: float = 0.0) -> Tensor:
+    """Newton-Schulz iteration ``V <- 2V - V P V`` on ``P = A + ridge I`` from ``V0 = alpha P^T`` (no graph needed).
 
     ``alpha = 1.8 / (||A||_1 ||A||_inf) < 2 / sigma_max(A)^2``, so every singular value of ``V A`` starts in
     (0, 2) and the iteration converges to the Moore-Penrose pseudo-inverse. A singular value ``sigma`` needs
     about ``log2(sigma_max^2 / sigma^2)`` iterations before its error shrinks quadratically, so with few
     iterations the result is the pseudo-inverse of ``A`` with its smallest singular values filtered out.
 
+    With ``ridge > 0`` (square ``A`` only) the iteration inverts ``A + ridge I``, as SOFT's released code does
+    with ``ridge = 0.01``. ``alpha`` still comes from the norms of ``A`` (the released step size), capped at
+    ``1.9 / (||P||_1 ||P||_inf)`` so that a large ridge cannot push ``alpha sigma_max(P)^2`` past 2.
+
     Args:
         A: ``[..., m, n]`` float tensor (any batch shape; a zero row/column stays zero in the result).
         iters: number of iterations (>= 0).
+        ridge: ``r >= 0`` added to the diagonal of a square ``A`` before inverting.
 
     Returns:
         ``[..., n, m]``, same dtype as ``A``.
     """
-    _check_matrix(A, iters)
-    norm_1 = A.abs().sum(-2).amax(-1)
-    norm_inf = A.abs().sum(-1).amax(-1)
-    # An all-zero matrix has pseudo-inverse zero; clamp keeps alpha finite (V0 = 0 then stays 0).
-    alpha = 1.8 / (norm_1 * norm_inf).clamp_min(torch.finfo(A.dtype).tiny)
-    V = alpha[..., None, None] * A.transpose(-1, -2)
+    ridge = _check_matrix(A, iters, ridge)
+
+    def norm_product(M: Tensor) -> Tensor:
+        # ||M||_1 ||M||_inf >= sigma_max(M)^2; clamped so an all-zero matrix keeps alpha finite (V0 = 0 stays 0).
+        return (M.abs().sum(-2).amax(-1) * M.abs().sum(-1).amax(-1)).clamp_min(torch.finfo(M.dtype).tiny)
+
+    alpha = 1.8 / norm_product(A)
+    P = A
+    if ridge > 0.0:
+        P = A + ridge * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        alpha = torch.minimum(alpha, 1.9 / norm_product(P))
+    V = alpha[..., None, None] * P.transpose(-1, -2)
     for _ in range(iters):
-        V = 2.0 * V - V @ (A @ V)
+        V = 2.0 * V - V @ (P @ V)
     return V
 
 
 class _NewtonPinv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A: Tensor, iters: int) -> Tensor:
+    def forward(ctx, A: Tensor, iters: int, ridge: float) -> Tensor:
         # Half precision has too few mantissa bits for V <- 2V - VAV to converge; float64 stays float64.
         work = A.detach().float() if A.element_size() < 4 else A.detach()
-        V = newton_schulz_pinv(work, iters)
+        V = newton_schulz_pinv(work, iters, ridge)
+        if ridge > 0.0:
+            # d(A + rI) = dA, so the gradient is that of the inverse of the shifted matrix.
+            work = work + ridge * torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
         ctx.save_for_backward(work, V)
         return V.to(A.dtype)
 
     @staticmethod
-    def backward(ctx, grad_V: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad_V: Tensor) -> tuple[Tensor, None, None]:
         A, V = ctx.saved_tensors
         G = grad_V.to(A.dtype)
         Vt = V.transpose(-1, -2)
@@ -120,11 +138,11 @@ class _NewtonPinv(torch.autograd.Function):
         grad_A = -Vt @ G @ Vt
         grad_A = grad_A + (eye_m - A @ V) @ Gt @ (V @ Vt)
         grad_A = grad_A + (Vt @ V) @ Gt @ (eye_n - V @ A)
-        return grad_A.to(grad_V.dtype), None
+        return grad_A.to(grad_V.dtype), None, None
 
 
-def newton_pinv(A: Tensor, iters: int = 20) -> Tensor:
-    """Pseudo-inverse of ``A`` by Newton-Schulz iteration, with the analytic gradient in backward.
+def newton_pinv(A: Tensor, iters: int = 20, ridge: float = 0.0) -> Tensor:
+    """Pseudo-inverse of ``A`` (or inverse of ``A + ridge I``) by Newton-Schulz iteration, analytic backward.
 
     The forward runs :func:`newton_schulz_pinv` without recording a graph, in float32 for bf16/fp16
     inputs (in the input's dtype otherwise); the backward applies the closed-form gradient of the
@@ -135,16 +153,22 @@ def newton_pinv(A: Tensor, iters: int = 20) -> Tensor:
         iters: Newton-Schulz iterations; a condition number ``kappa`` needs about ``2 log2(kappa) + 10``
             iterations to reach a relative error below 1e-6 (measured on 32 x 32 SPD matrices in
             float64); with fewer, the result is a spectrally filtered pseudo-inverse.
+        ridge: ``r >= 0``; with ``r > 0`` (square ``A`` only) the result is the inverse of ``A + r I``.
+            SOFT's released code uses ``r = 0.01``: at condition number 10 that moves the inverse by about
+            1.4 %, so the default 0 gives the pseudo-inverse that the Nystrom form calls for.
 
     Returns:
         ``[..., n, m]`` in the dtype of ``A``.
     """
-    _check_matrix(A, iters)
-    return _NewtonPinv.apply(A, iters)
+    ridge = _check_matrix(A, iters, ridge)
+    return _NewtonPinv.apply(A, iters, ridge)
 
 
-def _check_matrix(A: Tensor, iters: int) -> None:
-    """The argument checks of the two pseudo-inverse functions (non-finite entries are allowed: they give NaN)."""
+def _check_matrix(A: Tensor, iters: int, ridge: float) -> float:
+    """The argument checks of the two pseudo-inverse functions (non-finite entries are allowed: they give NaN).
+
+    Returns ``ridge`` as a float.
+    """
     if not isinstance(A, Tensor) or not A.is_floating_point():
         raise TypeError(f"A must be a floating-point torch.Tensor, got {type(A).__name__}")
     if A.dim() < 2:
@@ -152,6 +176,10 @@ def _check_matrix(A: Tensor, iters: int) -> None:
     if A.shape[-1] == 0 or A.shape[-2] == 0:
         raise ValueError(f"A must have m, n >= 1 in its shape [..., m, n], got shape {tuple(A.shape)}")
     check_int("iters", iters, low=0)
+    ridge = check_nonnegative_float("ridge", ridge)
+    if ridge > 0.0 and A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"ridge > 0 needs a square A [..., n, n], got shape {tuple(A.shape)}")
+    return ridge
 
 
 def _check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
@@ -184,7 +212,9 @@ def _grid_shape(count: int, H: int, W: int) -> tuple[int, int]:
     return rows, cols
 
 
-def segment_pooling_matrix(valid: Tensor, num_landmarks: int) -> tuple[Tensor, Tensor]:
+def segment_pooling_matrix(
+    valid: Tensor, num_landmarks: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Averaging weights that pool the real tokens of each sequence into contiguous segments.
 
     Token ``t`` of sequence ``b`` with rank ``r`` among that sequence's ``n_b`` real tokens goes to segment
@@ -195,22 +225,25 @@ def segment_pooling_matrix(valid: Tensor, num_landmarks: int) -> tuple[Tensor, T
     Args:
         valid: bool ``[B, N]``, True for real tokens.
         num_landmarks: ``m``.
+        dtype: dtype of ``weights`` (the queries' dtype: a float64 layer must not pool with float32 ``1/3``).
 
     Returns:
-        ``weights`` float32 ``[B, m, N]`` (rows of real segments sum to 1, other rows are 0) and
+        ``weights`` ``[B, m, N]`` in ``dtype`` (rows of real segments sum to 1, other rows are 0) and
         ``landmark_valid`` bool ``[B, m]``.
     """
     n_real = valid.sum(-1, keepdim=True)
     m_b = n_real.clamp(max=num_landmarks)
     rank = valid.long().cumsum(-1) - 1
     segment = torch.where(valid, rank * m_b // n_real.clamp_min(1), num_landmarks)
-    one_hot = F.one_hot(segment, num_landmarks + 1)[..., :num_landmarks].transpose(1, 2).float()
+    one_hot = F.one_hot(segment, num_landmarks + 1)[..., :num_landmarks].transpose(1, 2).to(_pooling_dtype(dtype))
     counts = one_hot.sum(-1, keepdim=True)
     landmark_valid = counts.squeeze(-1) > 0
-    return one_hot / counts.clamp_min(1.0), landmark_valid
+    return (one_hot / counts.clamp_min(1.0)).to(dtype), landmark_valid
 
 
-def grid_pooling_matrix(valid: Tensor, hw: tuple[int, int], num_landmarks: int) -> tuple[Tensor, Tensor]:
+def grid_pooling_matrix(
+    valid: Tensor, hw: tuple[int, int], num_landmarks: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Averaging weights that pool an ``H x W`` token grid into a grid of at most ``num_landmarks`` cells.
 
     Cell borders follow ``adaptive_avg_pool2d``'s rule (``floor(i H / h)`` to ``ceil((i + 1) H / h)``);
@@ -220,9 +253,10 @@ def grid_pooling_matrix(valid: Tensor, hw: tuple[int, int], num_landmarks: int) 
         valid: bool ``[B, H * W]``, True for real tokens.
         hw: ``(H, W)``.
         num_landmarks: the largest number of cells.
+        dtype: dtype of ``weights``.
 
     Returns:
-        ``weights`` float32 ``[B, m, H * W]`` and ``landmark_valid`` bool ``[B, m]``, ``m = h * w``.
+        ``weights`` ``[B, m, H * W]`` in ``dtype`` and ``landmark_valid`` bool ``[B, m]``, ``m = h * w``.
     """
     H, W = hw
     rows, cols = _grid_shape(num_landmarks, H, W)
@@ -235,9 +269,14 @@ def grid_pooling_matrix(valid: Tensor, hw: tuple[int, int], num_landmarks: int) 
         return ((index >= start) & (index < end)).float()  # [cells, size]
 
     cell_of_token = torch.einsum("ah,bw->abhw", membership(H, rows), membership(W, cols)).reshape(rows * cols, H * W)
-    weights = cell_of_token.unsqueeze(0) * valid.unsqueeze(1).float()
+    weights = (cell_of_token.unsqueeze(0) * valid.unsqueeze(1).float()).to(_pooling_dtype(dtype))
     counts = weights.sum(-1, keepdim=True)
-    return weights / counts.clamp_min(1.0), counts.squeeze(-1) > 0
+    return (weights / counts.clamp_min(1.0)).to(dtype), counts.squeeze(-1) > 0
+
+
+def _pooling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 layers, float32 otherwise: a half-precision count above 256 would be rounded."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class SOFTKernelAttention(nn.Module):
@@ -265,6 +304,12 @@ class SOFTKernelAttention(nn.Module):
         value_conv_kernel: if set, adds a depthwise convolution of this (odd) size on ``V`` (1D along the
             sequence, 2D over the ``hw`` grid): one kernel per channel of a head, shared by the heads
             (SOFT's reference has one kernel per head, shared by the channels).
+        ridge: invert ``A(L, L) + ridge I`` instead of taking the pseudo-inverse (see :func:`newton_pinv`);
+            the released code uses 0.01.
+        landmark_bias: a bias in the landmark convolution / projection (the released code has none).
+
+    ``ridge=0.01, landmark_bias=False`` (with ``landmarks="conv"``, ``value_conv_kernel=None``) computes the
+    released ``SoftmaxFreeAttentionKernel``; the defaults keep the pseudo-inverse of the paper's Nystrom form.
     """
 
     def __init__(
@@ -277,9 +322,13 @@ class SOFTKernelAttention(nn.Module):
         conv_stride: int = 4,
         project_landmarks: bool = True,
         value_conv_kernel: int | None = None,
+        ridge: float = 0.0,
+        landmark_bias: bool = True,
     ) -> None:
         super().__init__()
         self.head_dim = check_positive_int("head_dim", head_dim)
+        self.ridge = check_nonnegative_float("ridge", ridge)
+        self.landmark_bias = check_bool("landmark_bias", landmark_bias)
         self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
         self.newton_iters = check_positive_int("newton_iters", newton_iters)
         self.normalize = check_bool("normalize", normalize)
@@ -291,9 +340,11 @@ class SOFTKernelAttention(nn.Module):
             raise ValueError(f"value_conv_kernel must be None or an odd positive int, got {value_conv_kernel!r}")
         self.project_landmarks = check_bool("project_landmarks", project_landmarks)
         if landmarks == "conv":
-            self.landmark_conv = nn.Conv2d(head_dim, head_dim, kernel_size=conv_stride, stride=conv_stride)
+            self.landmark_conv = nn.Conv2d(
+                head_dim, head_dim, kernel_size=conv_stride, stride=conv_stride, bias=landmark_bias
+            )
         elif project_landmarks:
-            self.landmark_proj = nn.Linear(head_dim, head_dim)
+            self.landmark_proj = nn.Linear(head_dim, head_dim, bias=landmark_bias)
         if landmarks == "conv" or project_landmarks:
             self.landmark_norm = nn.LayerNorm(head_dim)
         if value_conv_kernel is not None:
@@ -305,7 +356,8 @@ class SOFTKernelAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"head_dim={self.head_dim}, num_landmarks={self.num_landmarks}, "
-            f"newton_iters={self.newton_iters}, normalize={self.normalize}, landmarks={self.landmarks!r}"
+            f"newton_iters={self.newton_iters}, normalize={self.normalize}, landmarks={self.landmarks!r}, "
+            f"ridge={self.ridge}, landmark_bias={self.landmark_bias}"
         )
 
     def forward(
@@ -346,7 +398,9 @@ class SOFTKernelAttention(nn.Module):
         # kernel becomes block-diagonal [A_real, 0], whose pseudo-inverse is [pinv(A_real), 0].
         kernel_ql = gaussian_kernel(q, landmarks) * token_weight * landmark_weight  # [B, h, N, m]
         kernel_ll = gaussian_kernel(landmarks, landmarks) * landmark_weight * landmark_weight.transpose(-1, -2)
-        inverse = newton_pinv(kernel_ll, self.newton_iters)
+        # With a ridge the unused slots invert to 1 / ridge, in their own diagonal block; the zero columns of
+        # kernel_ql and zero rows of landmark_values keep them out of the output.
+        inverse = newton_pinv(kernel_ll, self.newton_iters, self.ridge)
         if self.normalize:
             inv_sqrt_degree = kernel_ll.sum(-1).clamp_min(1e-12).rsqrt() * landmark_weight[:, :, 0, :]
             inverse = inv_sqrt_degree.unsqueeze(-1) * inverse * inv_sqrt_degree.unsqueeze(-2)
@@ -361,10 +415,10 @@ class SOFTKernelAttention(nn.Module):
             pooled, landmark_valid = self._conv_landmarks(q, valid, hw)
         else:
             if hw is None:
-                weights, landmark_valid = segment_pooling_matrix(valid, self.num_landmarks)
+                weights, landmark_valid = segment_pooling_matrix(valid, self.num_landmarks, q.dtype)
             else:
-                weights, landmark_valid = grid_pooling_matrix(valid, hw, self.num_landmarks)
-            pooled = weights.to(q.dtype).unsqueeze(1) @ q
+                weights, landmark_valid = grid_pooling_matrix(valid, hw, self.num_landmarks, q.dtype)
+            pooled = weights.unsqueeze(1) @ q
             if not self.project_landmarks:
                 return pooled, landmark_valid
             pooled = self.landmark_proj(pooled)
@@ -411,6 +465,8 @@ class SOFTAttention(nn.Module):
         newton_iters: Newton-Schulz iterations for the landmark pseudo-inverse.
         normalize: the symmetric normalization of SOFT-Norm.
         qkv_bias: bias in the query and value projections.
+        ridge: invert ``A(L, L) + ridge I`` rather than take the pseudo-inverse (released code: 0.01).
+        landmark_bias: a bias in the landmark convolution / projection (released code: none).
         **core_options: ``landmarks``, ``conv_stride``, ``project_landmarks``, ``value_conv_kernel`` of
             :class:`SOFTKernelAttention`.
     """
@@ -423,6 +479,8 @@ class SOFTAttention(nn.Module):
         newton_iters: int = 20,
         normalize: bool = False,
         qkv_bias: bool = False,
+        ridge: float = 0.0,
+        landmark_bias: bool = True,
         **core_options: Any,
     ) -> None:
         super().__init__()
@@ -438,6 +496,8 @@ class SOFTAttention(nn.Module):
             num_landmarks=num_landmarks,
             newton_iters=newton_iters,
             normalize=normalize,
+            ridge=ridge,
+            landmark_bias=landmark_bias,
             **core_options,
         )
 

@@ -44,15 +44,17 @@ from lightning_bpfree.validation import (
 )
 
 ATTRIBUTION_METHODS = ("jvp", "backward")
+ATTRIBUTION_TARGETS = ("probability", "log_probability")
 
 
-def _response_probabilities(model, embeds: Tensor, output_ids: Tensor, num_inputs: int) -> Tensor:
-    """p(y_m | x, y_<m) for each row of ``embeds`` ``[B, N+M-1, D]`` -> ``[B, M]``."""
+def _response_scores(model, embeds: Tensor, output_ids: Tensor, num_inputs: int, target: str) -> Tensor:
+    """p(y_m | x, y_<m), or its log, for each row of ``embeds`` ``[B, N+M-1, D]`` -> ``[B, M]``."""
     logits = logits_from_embeddings(model, embeds, "on the prompt and response")
     # The logits at position N-1+m predict response token m.
     predicting = logits[:, num_inputs - 1 : num_inputs - 1 + output_ids.numel()]
-    probs = torch.softmax(predicting, dim=-1)
-    return probs.gather(-1, output_ids.view(1, -1, 1).expand(probs.shape[0], -1, 1)).squeeze(-1)
+    # log_softmax rather than log(softmax): no underflow to -inf for an unlikely response token.
+    scores = torch.log_softmax(predicting, dim=-1) if target == "log_probability" else torch.softmax(predicting, -1)
+    return scores.gather(-1, output_ids.view(1, -1, 1).expand(scores.shape[0], -1, 1)).squeeze(-1)
 
 
 def jvp_attribution(
@@ -63,8 +65,13 @@ def jvp_attribution(
     method: str = "jvp",
     positions: Sequence[int] | Tensor | None = None,
     chunk_size: int | None = None,
+    target: str = "probability",
 ) -> Tensor:
     """Gradient x input of each response token's probability with respect to each prompt embedding.
+
+    By default the differentiated quantity is the *probability* ``p(y_m)`` (Wu et al. 2023). Attribution
+    libraries usually differentiate the log-probability: captum's ``InputXGradient`` on ``log p(y_m)``
+    gives this matrix's row ``m`` divided by ``p(y_m)``, which ``target="log_probability"`` computes.
 
     Args:
         model: a causal LM that accepts ``inputs_embeds=`` and has ``get_input_embeddings()``
@@ -78,13 +85,16 @@ def jvp_attribution(
             with ``"jvp"``.
         chunk_size: with ``"jvp"``, how many positions share one batched forward pass (default: all
             at once). Lower it to bound memory: each position is one copy of the sequence.
+        target: ``"probability"`` (``p(y_m)``, the paper's attribution) or ``"log_probability"``
+            (``log p(y_m)``; equals the probability attribution divided by ``p(y_m)``).
 
     Returns:
-        float32 ``[M, N]``: ``I[m, n]`` in probability units (the first-order change of ``p(y_m)``
-        when ``e_n`` is scaled to zero, with the sign flipped).
+        float32 ``[M, N]``: ``I[m, n]`` in units of the target (the first-order change of ``p(y_m)``,
+        or of ``log p(y_m)``, when ``e_n`` is scaled to zero, with the sign flipped).
     """
     check_model(model)
     check_choice("method", method, ATTRIBUTION_METHODS)
+    check_choice("target", target, ATTRIBUTION_TARGETS)
     check_optional(check_positive_int, "chunk_size", chunk_size)
     prompt = as_token_sequence(input_ids, "input_ids", model)
     response = as_token_sequence(output_ids, "output_ids", model)
@@ -109,16 +119,18 @@ def jvp_attribution(
     with evaluation_mode(model):
         embeds = token_embeddings(model, sequence[None])  # [1, T, D]
         if method == "jvp":
-            columns = _jvp_columns(model, embeds, response, num_inputs, chosen, chunk_size or chosen.numel())
+            columns = _jvp_columns(model, embeds, response, num_inputs, chosen, chunk_size or chosen.numel(), target)
         else:
-            columns = _backward_columns(model, embeds, response, num_inputs, chosen)
+            columns = _backward_columns(model, embeds, response, num_inputs, chosen, target)
     attribution[:, chosen] = columns.float().cpu()
     return attribution
 
 
-def _jvp_columns(model, embeds: Tensor, response: Tensor, num_inputs: int, positions: Tensor, chunk: int) -> Tensor:
-    def probabilities(batch_embeds: Tensor) -> Tensor:
-        return _response_probabilities(model, batch_embeds, response, num_inputs)
+def _jvp_columns(
+    model, embeds: Tensor, response: Tensor, num_inputs: int, positions: Tensor, chunk: int, target: str
+) -> Tensor:
+    def scores(batch_embeds: Tensor) -> Tensor:
+        return _response_scores(model, batch_embeds, response, num_inputs, target)
 
     columns = []
     # PyTorch's fused CPU/GPU attention kernels have no forward-mode derivative; the math backend has.
@@ -129,15 +141,17 @@ def _jvp_columns(model, embeds: Tensor, response: Tensor, num_inputs: int, posit
             tangent = torch.zeros_like(primal)
             rows = torch.arange(block.numel(), device=embeds.device)
             tangent[rows, block] = embeds[0, block]
-            _, directional = torch.func.jvp(probabilities, (primal,), (tangent,))
+            _, directional = torch.func.jvp(scores, (primal,), (tangent,))
             columns.append(directional.T)  # [M, chunk]
     return torch.cat(columns, dim=1)
 
 
-def _backward_columns(model, embeds: Tensor, response: Tensor, num_inputs: int, positions: Tensor) -> Tensor:
+def _backward_columns(
+    model, embeds: Tensor, response: Tensor, num_inputs: int, positions: Tensor, target: str
+) -> Tensor:
     leaf = embeds.detach().requires_grad_(True)
     with torch.enable_grad():
-        probs = _response_probabilities(model, leaf, response, num_inputs)[0]
+        probs = _response_scores(model, leaf, response, num_inputs, target)[0]
         rows = []
         for m in range(response.numel()):
             (grad,) = torch.autograd.grad(probs[m], leaf, retain_graph=m + 1 < response.numel())

@@ -6,8 +6,9 @@ variables ``rho = sigma_t / alpha_t`` and ``y = x / alpha_t`` (with ``alpha_t = 
 
     dy/drho = eps_theta(alpha(rho) * y, t(rho), c),        alpha(rho) = 1 / sqrt(1 + rho^2)
 
-Sampling integrates it from ``rho_T`` (noise) down to ``rho_0`` (data). Euler steps on the scheduler's own
-timesteps are exactly DDIM with ``eta=0``. Backpropagating through the solver stores one UNet graph per
+Sampling integrates it from ``rho_T`` (noise) down to ``rho_0`` (data). Euler steps over the ``(t, prev_t)``
+pairs ``DDIMScheduler.step`` uses (``prev_t = t - T // n`` for every ``timestep_spacing``) are exactly DDIM
+with ``eta=0`` (:class:`DDIMStepPairs`). Backpropagating through the solver stores one UNet graph per
 function evaluation; the adjoint method (torchdiffeq's ``odeint_adjoint``) instead integrates the
 augmented system ``(y, a_y, a_theta, a_c)`` backwards from the data end, with
 ``da_y/drho = -a_y^T d eps/dy`` and ``da_theta/drho = -a_y^T d eps/dtheta`` (the same for ``c``), so memory
@@ -71,9 +72,19 @@ class RhoTimeMap:
         self.exact: dict[float, float] = {}
 
     def register(self, rho: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Remember that grid value ``rho[i]`` (in the grid's dtype) is timestep ``timesteps[i]``."""
-        for r, t in zip(rho.tolist(), timesteps.tolist()):
-            self.exact[r] = float(t)
+        """Remember that grid value ``rho[i]`` (in the grid's dtype) is timestep ``timesteps[i]``.
+
+        So are its two neighbouring floats: with ``perturb=True`` torchdiffeq evaluates a step's first
+        and last stages one ulp inside the step, and those must still see the scheduler's timestep.
+        """
+        steps = timesteps.tolist()
+        for neighbour in (
+            rho,
+            torch.nextafter(rho, rho.new_tensor(math.inf)),
+            torch.nextafter(rho, rho.new_tensor(0.0)),
+        ):
+            for r, t in zip(neighbour.tolist(), steps):
+                self.exact.setdefault(r, float(t))
 
     def __call__(self, rho: torch.Tensor) -> float:
         key = float(rho.detach())
@@ -93,6 +104,87 @@ class RhoTimeMap:
         return lower + weight
 
 
+def is_ddim(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is a diffusers ``DDIMScheduler`` (or a subclass), by class name."""
+    return any(cls.__name__ == "DDIMScheduler" for cls in type(scheduler).__mro__)
+
+
+def previous_timesteps(scheduler: Any, timesteps: torch.Tensor) -> list[int]:
+    """The timestep each sampling step lands on, as the scheduler's own ``step`` computes it.
+
+    ``DDIMScheduler.step`` goes from ``t`` to ``t - T // n`` (``T = num_train_timesteps``, ``n`` the
+    number of inference steps) whatever ``timestep_spacing`` listed the timesteps, and reads
+    ``final_alpha_cumprod`` where that is negative. For ``"leading"`` spacing this is the next listed
+    timestep; for ``"trailing"`` and ``"linspace"`` it often is not (999 -> 899 then 888 -> 788 ... at
+    ``n = 10`` with ``linspace``). Any other scheduler goes to the next listed timestep, and after the
+    last one to its end (-1 here).
+
+    Args:
+        scheduler: the scheduler after ``set_timesteps`` (``num_inference_steps`` is read from it).
+        timesteps: its timesteps ``[n]``, decreasing.
+
+    Returns:
+        ``prev_t`` for every timestep, ``n`` ints; a negative value means the scheduler's final level.
+    """
+    listed = timesteps.tolist()
+    if not is_ddim(scheduler):
+        return listed[1:] + [-1]
+    stride = int(scheduler.config.num_train_timesteps) // int(scheduler.num_inference_steps)
+    return [t - stride for t in listed]
+
+
+class DDIMStepPairs:
+    """The right-hand side that makes an Euler step from grid point ``i`` to ``i + 1`` a DDIM step to ``prev_t``.
+
+    On the grid ``g`` (rho at the listed timesteps, then the end), ``DDIMScheduler.step`` takes
+    ``y = x / alpha`` from ``g[i]`` to the level ``p[i] = rho(prev_t)``, ``y + (p[i] - g[i]) eps``, and the
+    next step reads the resulting ``x`` as if it were at ``g[i + 1]``, i.e. ``y`` is rescaled by
+    ``s[i] = alpha(p[i]) / alpha(g[i + 1])``. With ``h[i] = g[i + 1] - g[i]`` the right-hand side on step
+    ``i`` is therefore::
+
+        f_i(rho, y) = ((s[i] - 1) * y + s[i] * (p[i] - g[i]) * eps) / h[i]
+
+    whose Euler step is that map exactly, and ``eps`` itself where ``p[i] == g[i + 1]``. Other solvers
+    integrate ``f_i`` within step ``i``; as ``n`` grows ``s -> 1`` and ``f_i -> eps``, the probability-flow
+    ODE. A point ``rho`` belongs to the step whose interval ``[g[i], g[i + 1])`` holds it (the last
+    grid point to the last step), so the adjoint pass, which evaluates ``f`` at ``g[i + 1]``, uses
+    step ``i + 1``'s map there: part of its O(1/N) discretisation error.
+
+    Args:
+        grid: float64 rho grid ``[n + 1]``, decreasing.
+        rho_previous: float64 ``[n]``, the level each step lands on.
+    """
+
+    def __init__(self, grid: torch.Tensor, rho_previous: torch.Tensor) -> None:
+        length = grid[1:] - grid[:-1]
+        scale = ((1.0 + grid[1:] ** 2) / (1.0 + rho_previous**2)).sqrt()
+        self.linear = ((scale - 1.0) / length).tolist()
+        self.noise = (scale * (rho_previous - grid[:-1]) / length).tolist()
+        self.paired = (rho_previous != grid[1:]).tolist()
+        self.grid = grid
+        self._grids: dict[torch.dtype, list[float]] = {}
+
+    @staticmethod
+    def needed(grid: torch.Tensor, rho_previous: torch.Tensor) -> bool:
+        """Whether some step lands off the next grid point (otherwise the plain ODE is the DDIM map)."""
+        return bool((rho_previous != grid[1:]).any())
+
+    def step_of(self, rho: torch.Tensor) -> int:
+        """Index of the step whose interval holds ``rho``, compared in ``rho``'s own dtype."""
+        if rho.dtype not in self._grids:
+            self._grids[rho.dtype] = self.grid.to(rho.dtype).tolist()
+        key = float(rho.detach())
+        inside = sum(1 for g in self._grids[rho.dtype] if g >= key)
+        return min(max(inside - 1, 0), len(self.paired) - 1)
+
+    def derivative(self, rho: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``f_i(rho, y)`` given the noise prediction ``eps`` at ``(alpha(rho) y, t(rho))``; shape of ``y``."""
+        i = self.step_of(rho)
+        if not self.paired[i]:
+            return eps
+        return self.linear[i] * y + self.noise[i] * eps
+
+
 class ProbabilityFlowODE(nn.Module):
     """``f(rho, y) = eps_theta(alpha(rho) y, t(rho), c)``: the right-hand side torchdiffeq integrates.
 
@@ -108,6 +200,8 @@ class ProbabilityFlowODE(nn.Module):
             and (with guidance) unconditional branch. One ODE object per sampling call, so the adjoint
             pass, which runs later, sees the same conditioning as the forward pass.
         counter: a dict whose ``"evaluations"`` entry counts UNet calls (forward, adjoint and recomputed).
+        step_pairs: the per-step map of :class:`DDIMStepPairs` when some step lands off the next grid
+            point (DDIM's ``trailing`` / ``linspace`` spacings); None integrates ``eps`` itself.
     """
 
     def __init__(
@@ -120,9 +214,11 @@ class ProbabilityFlowODE(nn.Module):
         conditioning: torch.Tensor | None = None,
         negative_conditioning: torch.Tensor | None = None,
         counter: dict[str, int] | None = None,
+        step_pairs: DDIMStepPairs | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
+        self.step_pairs = step_pairs
         self.time_map = time_map
         self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self.guidance_scale = check_float("guidance_scale", guidance_scale)
@@ -161,8 +257,10 @@ class ProbabilityFlowODE(nn.Module):
         timestep = self.time_map(rho)
         x = alpha * y
         if self.checkpoint_steps and torch.is_grad_enabled():
-            return checkpoint(self.epsilon, x, timestep, alpha, sigma, use_reentrant=False)
-        return self.epsilon(x, timestep, alpha, sigma)
+            eps = checkpoint(self.epsilon, x, timestep, alpha, sigma, use_reentrant=False)
+        else:
+            eps = self.epsilon(x, timestep, alpha, sigma)
+        return eps if self.step_pairs is None else self.step_pairs.derivative(rho, y, eps)
 
 
 class AdjointSampler(nn.Module):
@@ -170,10 +268,14 @@ class AdjointSampler(nn.Module):
 
     ``sampler(x_T, encoder_hidden_states=None) -> x_0`` integrates the probability-flow ODE in
     ``rho = sigma/alpha`` over the ``num_steps`` timesteps that ``scheduler.set_timesteps(num_steps)``
-    gives (on a private copy; the scheduler passed in is not modified), then to the scheduler's final
-    noise level (``final_alpha_cumprod`` when it has one, else noise-free). With ``method="euler"`` the
-    result equals diffusers' DDIM sampling with ``eta=0`` (without ``clip_sample`` / thresholding, which
-    are not part of the ODE). Any other scheduler class, and ``clip_sample=True`` or
+    gives (on a private copy; the scheduler passed in is not modified). Each step goes from ``t`` to the
+    ``prev_t`` the scheduler's own ``step`` goes to (:func:`previous_timesteps`; ``timestep_pairs`` lists
+    them): for a ``DDIMScheduler`` ``t - T // n`` with every ``timestep_spacing``, a negative ``prev_t``
+    meaning ``final_alpha_cumprod``; for other schedulers the next timestep, then their final level
+    (``final_alpha_cumprod`` when they have one, else noise-free). With ``method="euler"`` the result
+    equals diffusers' DDIM sampling with ``eta=0`` (to ~4e-7 relative in float32 for the leading,
+    trailing and linspace spacings; without ``clip_sample`` / thresholding, which are not part of the
+    ODE). Any other scheduler class, and ``clip_sample=True`` or
     ``thresholding=True``, get a ``UserWarning`` at construction saying so (see
     :func:`warn_about_scheduler`); ``x_T`` is checked against the UNet before it runs
     (:func:`check_noise_input`).
@@ -235,7 +337,12 @@ class AdjointSampler(nn.Module):
         self.scheduler_name = type(scheduler).__name__
         self.unet = unet
         self.time_map = RhoTimeMap(alphas_cumprod)
-        self.timesteps, rho_grid = self._timestep_grid(scheduler, num_steps)
+        self.timestep_pairs, rho_grid, rho_previous = self._timestep_grid(scheduler, num_steps)
+        self.timesteps = torch.tensor([t for t, _ in self.timestep_pairs], dtype=torch.int64)
+        # None where every step lands on the next grid point (leading spacing, other schedulers)
+        self.step_pairs = (
+            DDIMStepPairs(rho_grid, rho_previous) if DDIMStepPairs.needed(rho_grid, rho_previous) else None
+        )
         if prediction_type == "sample" and method == "rk4" and float(rho_grid[-1]) == 0.0:
             raise ValueError(
                 "method='rk4' evaluates the UNet at the noise-free end, where a prediction_type='sample' "
@@ -246,8 +353,14 @@ class AdjointSampler(nn.Module):
         warn_about_scheduler(scheduler, self.method)
 
     @staticmethod
-    def _timestep_grid(scheduler: Any, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scheduler's ``num_steps`` timesteps and the float64 rho grid (one more point: the end)."""
+    def _timestep_grid(scheduler: Any, num_steps: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        """The ``(t, prev_t)`` pair of each step, the float64 rho grid and where each step lands.
+
+        The grid is ``rho`` at the scheduler's timesteps plus one end point, the noise level the last
+        step lands on; ``rho_previous[i]`` (float64, one per grid step) is the level step ``i`` lands on,
+        which :func:`previous_timesteps` says (it differs from the next grid point for DDIM's
+        ``trailing`` / ``linspace`` spacings). ``prev_t < 0`` stands for the scheduler's final level.
+        """
         private = copy.deepcopy(scheduler)
         private.set_timesteps(num_steps)
         timesteps = torch.as_tensor(private.timesteps).to(torch.int64).cpu()
@@ -258,15 +371,20 @@ class AdjointSampler(nn.Module):
             )
         if not bool((timesteps[1:] < timesteps[:-1]).all()):
             raise ValueError(f"{type(scheduler).__name__} timesteps must be strictly decreasing, got {timesteps}")
-        rho = rho_of_alphas_cumprod(scheduler.alphas_cumprod)[timesteps]
+        rho_table = rho_of_alphas_cumprod(scheduler.alphas_cumprod)
+        rho = rho_table[timesteps]
         final = getattr(scheduler, "final_alpha_cumprod", None)
         rho_end = 0.0 if final is None else float(rho_of_alphas_cumprod(torch.as_tensor(final)))
-        if rho_end == float(rho[-1]) and num_steps > 1:
+        previous = previous_timesteps(private, timesteps)
+        rho_previous = torch.tensor([float(rho_table[p]) if p >= 0 else rho_end for p in previous], dtype=rho.dtype)
+        pairs = list(zip(timesteps.tolist(), previous))
+        last = float(rho_previous[-1])
+        if last == float(rho[-1]) and num_steps > 1:
             # DDIM with set_alpha_to_one=False: the last step goes from t=0 to t=0, the identity map
-            return timesteps, rho
-        if rho_end >= float(rho[-1]):
-            raise ValueError(f"the final noise level rho={rho_end} is not below the last timestep's {float(rho[-1])}")
-        return timesteps, torch.cat([rho, rho.new_tensor([rho_end])])
+            return pairs, rho, rho_previous[:-1]
+        if last >= float(rho[-1]):
+            raise ValueError(f"the final noise level rho={last} is not below the last timestep's {float(rho[-1])}")
+        return pairs, torch.cat([rho, rho.new_tensor([last])]), rho_previous
 
     def _grid(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         grid = self.rho_grid.to(device=device, dtype=dtype)
@@ -299,10 +417,13 @@ class AdjointSampler(nn.Module):
             encoder_hidden_states,
             negative_encoder_hidden_states,
             self.counter,
+            self.step_pairs,
         )
         y_T = x_T * (1.0 + grid[0] ** 2).sqrt()
         span = grid[[0, -1]]
-        options = {"grid_constructor": _GridConstructor(grid)}
+        # perturb: evaluate each step's end points one ulp inside it, so that a step's map (DDIMStepPairs)
+        # is used on that step alone, by the forward solve and by the adjoint solve run the other way
+        options = {"grid_constructor": _GridConstructor(grid), "perturb": self.step_pairs is not None}
         if self.adjoint:
             conditioning = tuple(c for c in (encoder_hidden_states, negative_encoder_hidden_states) if c is not None)
             params = conditioning + tuple(p for p in self.unet.parameters() if p.requires_grad)
@@ -328,9 +449,8 @@ def warn_about_scheduler(scheduler: Any, method: str) -> None:
     never applied: each gets a ``UserWarning`` here rather than a silently different result.
     """
     name = type(scheduler).__name__
-    is_ddim = any(cls.__name__ == "DDIMScheduler" for cls in type(scheduler).__mro__)
     solver = "DDIM with eta=0" if method == "euler" else f"its {method!r} discretisation"
-    if not is_ddim:
+    if not is_ddim(scheduler):
         warnings.warn(
             f"AdjointSampler does not reproduce {name}'s own update: it integrates the probability-flow ODE "
             f"on {name}'s alphas_cumprod at its timesteps ({solver}), so samples differ from {name}'s "

@@ -8,7 +8,8 @@ conditioning and the UNet weights (a tiny ``UNet2DConditionModel`` built from a 
 - ``checkpoint``: the same, recomputing each UNet call in backward (``torch.utils.checkpoint``).
 
 Each (mode, steps) runs in a fresh interpreter so its peak RSS is its own. The gradients are saved to
-disk and compared by cosine with ``backprop`` at the same step count. Writes ``diffusion-bench.{json,md,png}``.
+disk and compared by cosine with ``backprop`` at the same step count (backprop's own rows get no cosine:
+it is the reference). Writes ``diffusion-bench.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -138,8 +139,13 @@ def run(steps: list[int], batch: int, seed: int, quick: bool, threads: int = 1) 
                 }
             )
         for row in rows:
+            path = row.pop("_grad_path")
+            for target in TARGETS:
+                row[f"cos_{target}"] = None  # backprop is the reference: no cosine with itself
+            if row["mode"] == "backprop":
+                continue
             reference = torch.load(Path(folder) / f"backprop-{row['steps']}.pt")
-            grads = torch.load(row.pop("_grad_path"))
+            grads = torch.load(path)
             for target in TARGETS:
                 row[f"cos_{target}"] = _cosine(grads[target], reference[target])
     return rows
@@ -181,8 +187,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmarking.bench_parser(NAME, __doc__, threads_default="1 per configuration")
-    parser.add_argument("--steps", type=benchmarking.positive_int, nargs="+", default=None, help="step counts (default 10 25 50 100)")
-    parser.add_argument("--batch", type=benchmarking.positive_int, default=None, help="samples per gradient (default 4, quick 2)")
+    parser.add_argument(
+        "--steps", type=benchmarking.positive_int, nargs="+", default=None, help="step counts (default 10 25 50 100)"
+    )
+    parser.add_argument(
+        "--batch", type=benchmarking.positive_int, default=None, help="samples per gradient (default 4, quick 2)"
+    )
     args = parser.parse_args(argv)
     steps = args.steps or ([4, 8] if args.quick else [10, 25, 50, 100])
     batch = args.batch or (2 if args.quick else 4)
@@ -193,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     config = QUICK_UNET_CONFIG if args.quick else UNET_CONFIG
     figures = {"rows": rows, "summary": summary, "batch": batch, "threads": threads, "unet_config": config}
-    benchmarking.finish(args.out, NAME, figures, f"{benchmarking.format_table(rows, columns)}\n\n{summary}", lambda path: plot(rows, path))
+    benchmarking.finish(
+        args.out,
+        NAME,
+        figures,
+        f"{benchmarking.format_table(rows, columns)}\n\n{summary}",
+        lambda path: plot(rows, path),
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers and the API docs; at run time names load 
     from lightning_bpfree.zo.perturbation import SeededNoise, mix_seed
     from lightning_bpfree.zo.sparsity import GradientSparsity
     from lightning_bpfree.zo.strategy import ZODataParallelStrategy
+    from lightning_bpfree.zo.weight_decay import BIAS_AND_NORM, mezo_no_decay, weight_decay_groups
 
 _EXPORTS = {
     "ZerothOrder": "lightning_bpfree.zo.callback",
@@ -51,11 +52,15 @@ _EXPORTS = {
     "FirstOrderPart": "lightning_bpfree.zo.hybrid",
     "SCHEMES": "lightning_bpfree.zo.peft_schemes",
     "apply_scheme": "lightning_bpfree.zo.peft_schemes",
+    "BIAS_AND_NORM": "lightning_bpfree.zo.weight_decay",
+    "mezo_no_decay": "lightning_bpfree.zo.weight_decay",
+    "weight_decay_groups": "lightning_bpfree.zo.weight_decay",
 }
 
 __all__ = [
     "OPTIMIZERS", "SCHEMES", "FirstOrderPart", "ForwardGradient", "GradientSparsity", "SeededNoise", "ZOAdam",
     "ZODataParallelStrategy", "ZOEstimate", "ZOOptimizer", "ZOSGD", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
     "ZerothOrder", "apply_scheme", "find_blocks", "make_optimizer", "mix_seed",
+    "BIAS_AND_NORM", "mezo_no_decay", "weight_decay_groups",
 ]  # fmt: skip
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -42,6 +42,7 @@ from lightning_bpfree.validation import (
 from lightning_bpfree.zo.distributed import make_data_parallel, undo_data_parallel
 from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, make_optimizer
 from lightning_bpfree.zo.strategy import ZODataParallelStrategy
+from lightning_bpfree.zo.weight_decay import BIAS_AND_NORM, check_no_decay, weight_decay_groups
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -58,6 +59,14 @@ class ZerothOrder(Callback):
         scheduler: optional ``fn(optimizer) -> LRScheduler`` or ``-> {"scheduler": ...,
             "interval": "step" | "epoch"}``; stepped every batch by default.
         disable_dropout: run the perturbed forwards in ``eval()`` mode (restored afterwards).
+        no_decay: which parameters ``weight_decay`` spares. ``BIAS_AND_NORM`` (default): biases and
+            every parameter of a normalization layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
+            ``BatchNorm``, any ``*Norm`` class such as transformers' ``LlamaRMSNorm``), the Hugging
+            Face Trainer convention that MeZO's released trainer follows; ``None``: decay every
+            parameter; or a callable ``no_decay(name, parameter) -> bool`` (``name`` as
+            ``named_parameters`` gives it; ``lightning_bpfree.zo.weight_decay.mezo_no_decay`` is
+            MeZO's name rule exactly). With ``weight_decay > 0`` the optimizer gets two groups,
+            see :func:`~lightning_bpfree.zo.weight_decay.weight_decay_groups`.
         **options: passed to the optimizer (``weight_decay``, ``perturbation``, ``one_sided``,
             ``num_queries``, ``seed``, ``exact_restore`` ...). Checked here: an option the chosen
             optimizer does not take (``momentum`` for ``"zo-sgd"``, a typo) is a ``TypeError``
@@ -74,6 +83,7 @@ class ZerothOrder(Callback):
         eps: float = 1e-3,
         scheduler: SchedulerFactory | None = None,
         disable_dropout: bool = True,
+        no_decay: Any = BIAS_AND_NORM,
         **options: Any,
     ):
         check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -83,6 +93,7 @@ class ZerothOrder(Callback):
         if scheduler is not None and not callable(scheduler):
             raise TypeError(f"scheduler must be a callable fn(optimizer) -> scheduler, got {type(scheduler).__name__}")
         self.disable_dropout = check_bool("disable_dropout", disable_dropout)
+        self.no_decay = check_no_decay(no_decay)
         # Build once on a stand-in parameter so that a bad option value fails here, not at fit time.
         make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr=lr, eps=eps, **options)
         self.optimizer_name = optimizer
@@ -175,7 +186,10 @@ class ZerothOrder(Callback):
 
     def _configure_optimizers(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
         def configure_optimizers() -> Any:
-            optimizer = make_optimizer(self.optimizer_name, list(pl_module.parameters()), **self.optimizer_options)
+            # decay / no-decay groups (one group, in the module's order, when nothing is exempt)
+            weight_decay = self.optimizer_options.get("weight_decay", 0.0)
+            groups = weight_decay_groups(pl_module, weight_decay, self.no_decay)
+            optimizer = make_optimizer(self.optimizer_name, groups, **self.optimizer_options)
             if self._data_parallel:  # the process group is up: configure_optimizers runs in strategy.setup
                 strategy = pl_module.trainer.strategy
                 make_data_parallel(optimizer, strategy.root_device if strategy.root_device.type == "cuda" else None)
