@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -165,3 +165,40 @@ def check_finite_tensor(name: str, value: Any, *, consequence: str = "") -> Any:
             f"{name} holds NaN or inf: {bad} non-finite value(s)" + (f"; {consequence}" if consequence else "")
         )
     return value
+
+
+def check_generator(name: str, value: Any) -> Any:
+    """``value`` when it is ``None`` or a ``torch.Generator`` (an int seed is not one)."""
+    import torch
+
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def check_int_sequence(name: str, values: Any, *, low: int = 1) -> tuple[int, ...]:
+    """``values`` as a tuple of ints ``>= low`` (layer widths, channel lists); may be empty."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
+    return tuple(check_int(f"{name}[{i}]", value, low=low) for i, value in enumerate(values))
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int | None) -> Any:
+    """Refuse token ids that are not integers in ``[0, vocab_size)`` (``>= 0`` when the size is unknown):
+    an embedding would fail later with "index out of range in self". A tensor is returned as is, a
+    sequence as a tuple of ints."""
+    import torch
+
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        values = ids
+    else:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+            raise TypeError(f"{name} must be a sequence of token ids, got {ids!r}")
+        ids = tuple(check_int(f"{name}[{i}]", token) for i, token in enumerate(ids))
+        values = torch.tensor(ids, dtype=torch.long)
+    if values.numel() and (bool((values < 0).any()) or (vocab_size is not None and bool((values >= vocab_size).any()))):
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise ValueError(f"{name} must be token ids in {allowed}, got ids from {int(values.min())} to {int(values.max())}")
+    return ids

@@ -99,3 +99,24 @@ def test_float_tensor_and_finite_tensor_checks():
         check_finite_tensor("images", torch.tensor([1.0, math.nan, -math.inf]), consequence="refused")
     with pytest.raises(ValueError, match=r"rewards holds NaN or inf: 1 non-finite"):
         check_finite_tensor("rewards", np.array([0.0, np.inf]))
+
+
+def test_generator_int_sequence_and_token_id_checks():
+    from lightning_bpfree.validation import check_generator, check_int_sequence, check_token_ids
+
+    generator = torch.Generator()
+    assert check_generator("generator", generator) is generator and check_generator("generator", None) is None
+    with pytest.raises(TypeError, match=r"^generator must be a torch.Generator or None, got int"):
+        check_generator("generator", 0)
+    assert check_int_sequence("hidden", [4, 8]) == (4, 8) and check_int_sequence("hidden", ()) == ()
+    with pytest.raises(ValueError, match=r"hidden\[1\] must be an int >= 1, got 0"):
+        check_int_sequence("hidden", [4, 0])
+    with pytest.raises(TypeError, match=r"^hidden must be a sequence of ints"):
+        check_int_sequence("hidden", "48")
+    assert check_token_ids("ids", [1, 2], 5) == (1, 2)
+    with pytest.raises(ValueError, match=r"ids must be token ids in \[0, 5\), got ids from 1 to 5"):
+        check_token_ids("ids", torch.tensor([1, 5]), 5)
+    with pytest.raises(ValueError, match=r"ids must be token ids in >= 0"):
+        check_token_ids("ids", torch.tensor([-1]), None)
+    with pytest.raises(TypeError, match=r"ids must hold integer token ids"):
+        check_token_ids("ids", torch.tensor([1.0]), 5)

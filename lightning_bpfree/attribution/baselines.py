@@ -20,7 +20,6 @@ from lightning_bpfree.attribution.density import jvp_attribution
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
-    check_generator,
     check_model,
     evaluation_mode,
     logits_from_embeddings,
@@ -29,7 +28,7 @@ from lightning_bpfree.attribution.model_interface import (
     token_embeddings,
     vocabulary_size,
 )
-from lightning_bpfree.validation import check_finite_tensor, check_int, check_positive_int
+from lightning_bpfree.validation import check_finite_tensor, check_generator, check_int, check_positive_int
 
 
 def _checked_sequence(model, input_ids: Tensor) -> Tensor:
@@ -104,6 +103,6 @@ def attention_attribution(model: LanguageModel, input_ids: Tensor, *, layer: int
 
 def random_attribution(input_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniform random scores in [0, 1), one per input token."""
-    check_generator(generator)
+    check_generator("generator", generator)
     sequence = as_token_sequence(input_ids)
     return torch.rand(sequence.numel(), generator=generator)

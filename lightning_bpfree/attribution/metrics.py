@@ -24,7 +24,7 @@ from torchmetrics import Metric
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     check_model,
-    check_token_ids,
+    check_model_token_ids,
     evaluation_mode,
     logits_from_embeddings,
     model_device,
@@ -139,7 +139,7 @@ class _Faithfulness(Metric):
         """
         ids, scores = _batched(input_ids, importance)
         model = self.__dict__["_model"]
-        check_token_ids(ids, model)
+        check_model_token_ids(ids, model)
         with torch.no_grad(), evaluation_mode(model):
             ids = ids.to(model_device(model))
             full_logits = next_token_logits(model, ids)

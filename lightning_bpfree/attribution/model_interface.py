@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_bpfree.validation import check_token_ids
+
 LanguageModel = Callable[..., Any]
 """A causal LM: called with ``input_ids`` (and, for gradient methods, ``inputs_embeds=``) it returns logits."""
 
@@ -27,12 +29,6 @@ def check_model(model, name: str = "model") -> None:
     """Refuse a ``model`` that cannot be called (a path, a config, None)."""
     if not callable(model):
         raise TypeError(f"{name} must be a callable causal LM (e.g. a transformers model), got {type(model).__name__}")
-
-
-def check_generator(generator, name: str = "generator") -> None:
-    """Refuse anything but ``None`` or a ``torch.Generator`` (an int seed is not one)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def vocabulary_size(model) -> int | None:
@@ -49,18 +45,9 @@ def vocabulary_size(model) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
-def check_token_ids(ids: Tensor, model=None, name: str = "input_ids") -> Tensor:
-    """Refuse negative ids, and ids at or beyond ``model``'s vocabulary when it is known; returns ``ids``."""
-    if ids.numel() == 0:
-        return ids
-    vocab = None if model is None else vocabulary_size(model)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        allowed = f"[0, {vocab})" if vocab is not None else ">= 0"
-        raise ValueError(
-            f"{name} must be token ids in {allowed} (the model's vocabulary), got ids from {low} to {high}"
-        )
-    return ids
+def check_model_token_ids(ids: Tensor, model=None, name: str = "input_ids") -> Tensor:
+    """:func:`~lightning_bpfree.validation.check_token_ids` against ``model``'s vocabulary, when known."""
+    return check_token_ids(name, ids, None if model is None else vocabulary_size(model))
 
 
 def as_token_sequence(input_ids: Tensor, name: str = "input_ids", model=None) -> Tensor:
@@ -78,7 +65,7 @@ def as_token_sequence(input_ids: Tensor, name: str = "input_ids", model=None) ->
         raise ValueError(f"{name} must be one sequence of shape [N] or [1, N], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"{name} must hold at least one token")
-    return check_token_ids(input_ids.long(), model, name)
+    return check_model_token_ids(input_ids.long(), model, name)
 
 
 def check_finite_logits(logits: Tensor, where: str) -> Tensor:

@@ -31,14 +31,20 @@ from torch import Tensor
 from lightning_bpfree.attribution.model_interface import (
     LanguageModel,
     as_token_sequence,
-    check_generator,
     check_model,
     evaluation_mode,
     model_device,
     next_token_logits,
 )
 from lightning_bpfree.attribution.samplers import TokenSampler, resolve_sampler
-from lightning_bpfree.validation import check_bool, check_float, check_int, check_optional, check_positive_int
+from lightning_bpfree.validation import (
+    check_bool,
+    check_float,
+    check_generator,
+    check_int,
+    check_optional,
+    check_positive_int,
+)
 
 # delta = +-1 would give an infinite logit; real probabilities never get that close.
 _LOGIT_CLAMP = 1e-6
@@ -127,7 +133,7 @@ def reagent_attribution(
     sequence = as_token_sequence(input_ids, model=model)
     probing = _Probing(sequence.numel(), replacing_ratio, max_probe_steps, num_probes, keep_top_n, stopping_top_k)
     check_optional(check_int, "target_id", target_id, low=0)
-    check_generator(generator)
+    check_generator("generator", generator)
     check_bool("return_details", return_details)
     device = model_device(model)
     sequence = sequence.to(device)

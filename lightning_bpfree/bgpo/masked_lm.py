@@ -16,13 +16,11 @@ Plain PyTorch; no Lightning import.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_bpfree.validation import check_int, check_nonnegative_float, check_positive_int
+from lightning_bpfree.validation import check_int, check_nonnegative_float, check_positive_int, check_token_ids
 
 
 class MaskedDiffusionLM(nn.Module):
@@ -187,25 +185,6 @@ class MaskedDiffusionLM(nn.Module):
             commit = torch.zeros_like(still_masked).scatter_(1, chosen, True) & still_masked
             response = torch.where(commit, tokens.to(response.dtype), response)
         return response
-
-
-def check_token_ids(name: str, ids: Tensor | Sequence[int], vocab_size: int | None) -> Tensor | tuple[int, ...]:
-    """Refuse token ids that are not integers in ``[0, vocab_size)`` (the embedding would fail with
-    "index out of range in self"). A tensor is returned as is, a sequence as a tuple of ints."""
-    if isinstance(ids, Tensor):
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        values = ids
-    else:
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-            raise TypeError(f"{name} must be a sequence of token ids, got {ids!r}")
-        ids = tuple(check_int(f"{name}[{i}]", token) for i, token in enumerate(ids))
-        values = torch.tensor(ids, dtype=torch.long)
-    high = vocab_size if vocab_size is not None else None
-    if values.numel() and (bool((values < 0).any()) or (high is not None and bool((values >= high).any()))):
-        limit = f"[0, {high})" if high is not None else ">= 0"
-        raise ValueError(f"{name} must be token ids in {limit}, got min {int(values.min())} max {int(values.max())}")
-    return ids
 
 
 def _check_batch(input_ids: Tensor, response_mask: Tensor) -> None:

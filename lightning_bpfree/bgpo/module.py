@@ -21,7 +21,7 @@ from lightning_bpfree.bgpo.losses import (
     prepare_policy_batch,
     sft_loss,
 )
-from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM, check_token_ids
+from lightning_bpfree.bgpo.masked_lm import MaskedDiffusionLM
 from lightning_bpfree.validation import (
     check_choice,
     check_int,
@@ -30,6 +30,7 @@ from lightning_bpfree.validation import (
     check_positive_float,
     check_positive_int,
     check_probability,
+    check_token_ids,
 )
 
 RewardFn = Callable[[Tensor, Tensor], Tensor]

@@ -26,13 +26,19 @@ from lightning_bpfree.fp4.formats import get_format
 from lightning_bpfree.fp4.hadamard import random_hadamard_transform
 from lightning_bpfree.fp4.quantize import (
     QuantizedTensor,
-    check_generator,
     dequantize,
     fake_quantize,
     quantize,
 )
 from lightning_bpfree.fp4.recipe import FP4Recipe, OperandSpec, check_recipe
-from lightning_bpfree.validation import check_bool, check_choice, check_float_tensor, check_positive_int, check_seed
+from lightning_bpfree.validation import (
+    check_bool,
+    check_choice,
+    check_float_tensor,
+    check_generator,
+    check_positive_int,
+    check_seed,
+)
 
 
 def _quantizer_kwargs(spec: OperandSpec, generator: torch.Generator | None) -> dict:
@@ -166,7 +172,7 @@ def fp4_linear(
     """
     recipe = check_recipe(recipe)
     check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
-    check_generator(generator)
+    check_generator("generator", generator)
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
     if bias is not None:

@@ -52,7 +52,7 @@ from lightning_bpfree.fp4.formats import (
     round_to_e2m1,
     unpack_codes,
 )
-from lightning_bpfree.validation import check_bool, check_choice, check_float_tensor
+from lightning_bpfree.validation import check_bool, check_choice, check_float_tensor, check_generator
 
 
 @dataclass
@@ -112,12 +112,6 @@ def _check_input(x: torch.Tensor, fmt: FP4Format, block_2d: bool, pad: bool) -> 
             f"with block_2d=True the second-to-last dimension of x ({x.shape[-2]}) must be a multiple of "
             f"the {fmt.name} block size {block}; pass pad=True to zero-pad it"
         )
-
-
-def check_generator(generator: torch.Generator | None) -> None:
-    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` or ``None``."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _pad_to_blocks(x: torch.Tensor, block: int, block_2d: bool) -> torch.Tensor:
@@ -200,7 +194,7 @@ def _quantize_blocks(
     check_choice("rounding", rounding, ROUNDING_MODES)
     check_bool("block_2d", block_2d)
     check_bool("pad", pad)
-    check_generator(generator)
+    check_generator("generator", generator)
     _check_input(x, fmt, block_2d, pad)
     padded = _pad_to_blocks(x.float(), fmt.block_size, block_2d)
     return fmt, padded.shape, *_scales_and_values(padded, fmt, block_2d, rounding, generator)

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_finite_tensor, check_int, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_finite_tensor,
+    check_int,
+    check_int_sequence,
+    check_positive_int,
+)
 
 EMBEDDINGS = ("one-hot", "learned", "prototype")
 
@@ -33,10 +39,7 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 def check_widths(hidden: int, channels: Sequence[int]) -> None:
     """Refuse a hidden width or conv widths that are not positive ints, naming the argument."""
     check_positive_int("hidden", hidden)
-    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-        raise TypeError(f"channels must be a sequence of conv widths, got {channels!r}")
-    for i, width in enumerate(channels):
-        check_positive_int(f"channels[{i}]", width)
+    check_int_sequence("channels", channels)
 
 
 def check_images(images: Tensor, image_shape: tuple[int, int, int]) -> None:

@@ -22,7 +22,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_bpfree.validation import check_choice, check_finite_tensor, check_nonnegative_float, check_positive_int
+from lightning_bpfree.validation import (
+    check_choice,
+    check_finite_tensor,
+    check_int_sequence,
+    check_nonnegative_float,
+    check_positive_int,
+)
 
 F_DIVERGENCES = ("pearson_chi2", "reverse_kl")
 GRADIENTS = ("orthogonal", "semi", "true")
@@ -146,13 +152,6 @@ def f_prime_inverse(residual: Tensor, divergence: str = "pearson_chi2") -> Tenso
 # Networks
 
 
-def check_hidden(name: str, hidden: Sequence[int]) -> tuple[int, ...]:
-    """``hidden`` as a tuple of positive layer widths (may be empty: a linear network)."""
-    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-        raise TypeError(f"{name} must be a sequence of layer widths, got {hidden!r}")
-    return tuple(check_positive_int(f"{name}[{i}]", width) for i, width in enumerate(hidden))
-
-
 def mlp(sizes: Sequence[int], layer_norm: bool = False) -> nn.Sequential:
     """Linear layers of ``sizes`` with ReLU between them (and LayerNorm before each ReLU if asked)."""
     layers: list[nn.Module] = []
@@ -170,7 +169,7 @@ class TwinValue(nn.Module):
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = True, num_heads: int = 2):
         super().__init__()
-        check_hidden("value_hidden", hidden)
+        check_int_sequence("value_hidden", hidden)
         check_positive_int("num_heads", num_heads)
         self.nets = nn.ModuleList(mlp([obs_dim, *hidden, 1], layer_norm) for _ in range(num_heads))
 
@@ -188,7 +187,7 @@ class GaussianPolicy(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (1024, 1024)):
         super().__init__()
-        check_hidden("policy_hidden", hidden)
+        check_int_sequence("policy_hidden", hidden)
         self.net = mlp([obs_dim, *hidden, act_dim])
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
