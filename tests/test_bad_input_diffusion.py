@@ -86,7 +86,7 @@ def test_sampler_checks_x_T_against_the_unet_before_calling_it(x_T, error, messa
     [
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"num_steps": -3}, ValueError, "num_steps"),
-        ({"num_steps": 2.5}, ValueError, "num_steps"),
+        ({"num_steps": 2.5}, TypeError, "num_steps must be an int"),
         ({"method": "dopri5"}, ValueError, "method"),
         ({"guidance_scale": NAN}, ValueError, "guidance_scale"),
         ({"guidance_scale": INF}, ValueError, "guidance_scale"),

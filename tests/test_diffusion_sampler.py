@@ -278,13 +278,18 @@ class NoAlphas:
         ({"scheduler": NoAlphas()}, "alphas_cumprod"),
         ({"method": "dopri5"}, "method"),
         ({"num_steps": 0}, "num_steps"),
-        ({"num_steps": 2.5}, "num_steps"),
     ],
 )
 def test_bad_inputs_raise_value_error_naming_them(kwargs, message):
     arguments = {"unet": tiny_unet(), "scheduler": DDIMScheduler(), **kwargs}
     with pytest.raises(ValueError, match=message):
         AdjointSampler(**arguments)
+
+
+def test_a_fractional_step_count_is_a_type_error_naming_it():
+    # validation.py's rule everywhere: a value of the wrong type is a TypeError
+    with pytest.raises(TypeError, match="num_steps must be an int"):
+        AdjointSampler(tiny_unet(), DDIMScheduler(), num_steps=2.5)
 
 
 def test_guidance_without_negative_conditioning_is_rejected():

@@ -324,10 +324,7 @@ class AdjointSampler(nn.Module):
             )
         if not hasattr(scheduler, "set_timesteps"):
             raise ValueError(f"scheduler must have `set_timesteps`; {type(scheduler).__name__} has none")
-        try:
-            self.num_steps = check_positive_int("num_steps", num_steps)
-        except TypeError as error:  # a fractional step count has always been a ValueError here
-            raise ValueError(str(error)) from None
+        self.num_steps = check_positive_int("num_steps", num_steps)
         self.method = check_choice("method", method, METHODS)
         self.adjoint = adjoint
         self.guidance_scale = check_float("guidance_scale", guidance_scale)
