@@ -32,8 +32,6 @@ ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """Old command name -> (new command, options put in front of the user's). Deprecated: they print a notice."""
 
-SUBCOMMANDS = COMMANDS  # the table's former name
-
 
 def command_name(module: str) -> str:
     """The command whose ``main`` lives in ``module`` (a dotted name; pass ``__name__``).
