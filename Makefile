@@ -44,10 +44,17 @@ bench-quick: venv
 	$(VENV)/bin/bpfree odice-bench --quick --out bpfree-results/quick/odice-bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lightning_bpfree tests examples
+	$(VENV)/bin/ruff check lightning_bpfree tests examples benchmarks scripts
 
-docs: $(STAMP)
+# KaTeX (pinned in package-lock.json) renders the math at build time: the site needs no network to show it.
+KATEX := node_modules/katex/package.json
+
+$(KATEX): package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(KATEX)
+
+docs: $(STAMP) $(KATEX)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf site bpfree-results .pytest_cache
+	rm -rf site bpfree-results .pytest_cache node_modules
