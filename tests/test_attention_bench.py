@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_bpfree.attention import bench
 from lightning_bpfree.attention.bench import _summary, fitted_exponent, main
 from lightning_bpfree.attention.module import ViTClassifier
 from lightning_bpfree.attention.vit import SoftmaxAttention, TinyViT
@@ -82,3 +84,26 @@ def test_soft_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert "| N | soft s |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--lengths", "100", "--out", str(tmp_path)])
+
+
+def test_interleaved_min_seconds_alternates_lengths_and_keeps_the_fastest_round(monkeypatch):
+    calls: list[int] = []
+    delays = iter([0.0, 0.0, 0.15, 0.12, 0.02, 0.08, 0.10, 0.20])  # warm-ups, then rounds of (64, 128)
+
+    def fake_step(forward, x):
+        calls.append(x.shape[1])
+        time.sleep(next(delays))
+
+    monkeypatch.setattr(bench, "_attention_forward", lambda *args: None)
+    monkeypatch.setattr(bench, "_forward_backward", fake_step)
+    seconds = bench.interleaved_min_seconds("soft", [64, 128], repeats=3)
+    assert calls == [64, 128] * 4  # one warm-up each, then every round times every length once
+    # Minima 0.02 and 0.08 s; the upper ends leave 40-50 ms for sleeps overshooting on a loaded machine.
+    assert 0.02 <= seconds[0] < 0.07 and 0.08 <= seconds[1] < 0.12
+
+
+def test_scaling_series_without_warmup_runs_one_call(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(bench, "_forward_backward", lambda forward, x: calls.append(x.shape[1]))
+    result = bench.scaling_series("soft", [128], repeats=1, warmup=0)
+    assert calls == [128] and len(result["seconds"]) == len(result["extra_bytes"]) == 1

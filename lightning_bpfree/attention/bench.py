@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning_bpfree import benchmarking
 from lightning_bpfree.cli import command_name
+from lightning_bpfree.validation import check_choice
 
 NAME = command_name(__name__)
 
@@ -56,14 +57,22 @@ def _forward_backward(forward, x) -> None:
 
 
 def scaling_series(
-    method: str, lengths: list[int], dim: int = 64, num_heads: int = 2, num_landmarks: int = 49, repeats: int = 3
+    method: str,
+    lengths: list[int],
+    dim: int = 64,
+    num_heads: int = 2,
+    num_landmarks: int = 49,
+    repeats: int = 3,
+    warmup: int = 1,
 ) -> dict[str, Any]:
     """Forward + backward of ``method`` on ``[1, N, dim]`` for each ``N`` in ``lengths`` (run in a subprocess).
 
-    Returns ``seconds`` (median per length) and ``extra_bytes``: the process's peak RSS after the timed
-    runs minus its RSS once the layer and input exist (imports, weights and input excluded). Lengths run
-    in increasing order; with ``--quick`` several share a process, and memory the allocator kept from a
-    shorter length can hide part of a longer one's; the full benchmark gives every length its own process.
+    Returns ``seconds`` (median per length of ``repeats`` calls after ``warmup`` untimed ones) and
+    ``extra_bytes``: the process's peak RSS after the timed runs minus its RSS once the layer and input
+    exist (imports, weights and input excluded). Lengths run in increasing order; with ``--quick`` several
+    share a process, and memory the allocator kept from a shorter length can hide part of a longer one's;
+    the full benchmark gives every length its own process. ``repeats=1, warmup=0`` runs one call: enough
+    for the peak memory, which does not change from call to call.
     """
     import psutil
     import torch
@@ -75,10 +84,49 @@ def scaling_series(
         x = torch.randn(1, tokens, dim, requires_grad=True)
         step = functools.partial(_forward_backward, forward, x)
         rss_before = psutil.Process().memory_info().rss
-        seconds.append(benchmarking.median_seconds(step, repeats=repeats, warmup=1))
+        seconds.append(benchmarking.median_seconds(step, repeats=repeats, warmup=warmup))
         extra.append(benchmarking.peak_rss_bytes() - rss_before)
         del forward, x, step
     return {"seconds": seconds, "extra_bytes": extra}
+
+
+def interleaved_min_seconds(
+    method: str,
+    lengths: list[int],
+    dim: int = 64,
+    num_heads: int = 2,
+    num_landmarks: int = 49,
+    repeats: int = 5,
+    clock: str = "wall",
+) -> list[float]:
+    """Fastest forward + backward of ``method`` on ``[1, N, dim]`` for each ``N`` in ``lengths`` (seconds).
+
+    For ratios of times on a machine that other jobs load: every length gets its layer, input and one
+    untimed call first, then ``repeats`` rounds each time every length once, so a burst of load hits
+    all lengths alike rather than one; the minimum over rounds is the closest to the unloaded cost
+    (load only ever adds time). Runs in the calling process, with its torch thread count.
+
+    ``clock="wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU seconds of this
+    process). On a crowded machine use ``"cpu"`` with 1 torch thread: wall time then counts the time
+    other jobs hold the cores, which a long call meets more often than a short one, so the minimum of
+    wall times biases ratios upwards; CPU time leaves that out (cache contention remains).
+    """
+    timer = {"wall": time.perf_counter, "cpu": time.process_time}[check_choice("clock", clock, ("wall", "cpu"))]
+    import torch
+
+    steps = []
+    for tokens in lengths:
+        torch.manual_seed(0)
+        forward = _attention_forward(method, tokens, dim, num_heads, num_landmarks)
+        steps.append(functools.partial(_forward_backward, forward, torch.randn(1, tokens, dim, requires_grad=True)))
+        steps[-1]()  # warm-up: first-call allocations and dispatch caches
+    best = [math.inf] * len(lengths)
+    for _ in range(repeats):
+        for index, step in enumerate(steps):
+            start = timer()
+            step()
+            best[index] = min(best[index], timer() - start)
+    return best
 
 
 VIT_LANDMARKS = 16  # SOFT landmarks in the ViT part: 49 (the layer's default) exceeds most token grids here
