@@ -8,6 +8,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` compare CPU with CUDA: skipped only where no CUDA device exists, run wherever
+    one does (``make test``'s ``-m 'not slow'`` keeps them, as they are fast)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Every test starts from the same global seed, on one intra-op thread (tiny models run faster

@@ -5,8 +5,9 @@ on English text that ships with Python (standard-library docstrings) for a fixed
 fp32, bf16-mixed, the full NVFP4 recipe, each ablation (no RHT, no stochastic rounding, no 2D weights,
 no high-precision layers), the late switch to high precision, MXFP4 and UE5M3, and reports each final
 loss's gap to fp32 (the paper's ablation figure). Part 2 times forward+backward of an NVFP4 linear
-against a plain fp32 linear and the quantizer's throughput. Every configuration runs in its own
-subprocess, so peak memory is per configuration. Writes ``fp4-bench.{json,md,png}``.
+against a plain fp32 linear and the quantizer's throughput, timed in turns in one subprocess. Every
+training configuration runs in its own subprocess, so peak memory is per configuration. Writes
+``fp4-bench.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from lightning_bpfree import benchmarking
 from lightning_bpfree.cli import command_name
+from lightning_bpfree.fp4.constants import NVFP4_BLOCK_SIZE
+from lightning_bpfree.fp4.formats import UE5M3, FP4Format
 
 NAME = command_name(__name__)
 
@@ -33,7 +36,13 @@ CONFIGS = (
     "nvfp4_switch",
     "mxfp4",
     "ue5m3",
+    "ue5m3_no_tensor_scale",
 )
+"""Every configuration ``--configs`` accepts; the full sweep runs all but ``ue5m3_no_tensor_scale``."""
+
+DEFAULT_CONFIGS = CONFIGS[:-1]
+UE5M3_NO_TENSOR_SCALE = FP4Format("ue5m3_no_tensor_scale", NVFP4_BLOCK_SIZE, UE5M3, "chain", tensor_scale_target=None)
+"""E2M1 with UE5M3 block scales and no FP32 tensor scale (``S_enc = 1``): the format of the first sweep's ``ue5m3``."""
 
 
 def byte_blocks(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +112,9 @@ def plugin_for(config: str, max_steps: int, keep_last_n: int):
         "nvfp4_switch": lambda: NVFP4Precision(switch_to_high_precision_at_step=int(0.8 * max_steps), **keep),
         "mxfp4": lambda: FP4Precision(FP4Recipe.mxfp4(), **keep),
         "ue5m3": lambda: FP4Precision(FP4Recipe.ue5m3(), **keep),
+        # the first sweep's UE5M3, before the tensor scale became the default: E2M1 with UE5M3 block
+        # scales and S_enc = 1, so tiny gradient blocks fall below the smallest scale and vanish
+        "ue5m3_no_tensor_scale": lambda: FP4Precision(FP4Recipe.ue5m3(fmt=UE5M3_NO_TENSOR_SCALE), **keep),
     }
     if config == "fp32":
         return {"precision": "32-true"}
@@ -164,31 +176,225 @@ def train_config(
     }
 
 
-def speed_config(kind: str, tokens: int, features: int, repeats: int) -> dict[str, Any]:
-    """Median forward+backward seconds of a ``features x features`` linear on ``tokens`` rows.
+def interleaved_speed(tokens: int, features: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Seconds of forward+backward of a ``features x features`` linear on ``tokens`` rows, fp32 (``nn.Linear``)
+    against ``FP4Linear`` (full NVFP4 recipe), and of NVFP4 ``fake_quantize`` / ``quantize`` of the
+    ``[tokens, features]`` activation, all in this process.
 
-    ``kind``: ``"fp32"`` (nn.Linear), ``"nvfp4"`` (FP4Linear, full recipe) or ``"quantize"`` (NVFP4
-    fake-quantization throughput of the activation, elements per second).
+    The four are timed in turns, one call each per round, and each keeps its fastest round: load from other
+    processes on a shared machine then slows all four alike, and the minimum is the least disturbed call,
+    so the ratios hold on a busy machine where separate runs would not.
+
+    Returns:
+        ``fp32_seconds``, ``nvfp4_seconds``, ``fake_quantize_seconds``, ``quantize_seconds`` (minima),
+        ``ratio`` (``nvfp4 / fp32``), ``elements_per_second`` and ``packed_elements_per_second`` (elements of
+        the activation per second), and ``rounds`` (every round's seconds, for the spread).
     """
     from lightning_bpfree.fp4.linear import FP4Linear
     from lightning_bpfree.fp4.quantize import fake_quantize, quantize
 
     torch.manual_seed(0)
     x = torch.randn(tokens, features, requires_grad=True)
-    if kind == "quantize":
-        seconds = benchmarking.median_seconds(lambda: fake_quantize(x.detach()), repeats=repeats)
-        packed = benchmarking.median_seconds(lambda: quantize(x.detach()), repeats=repeats)
-        return {"kind": kind, "seconds": seconds, "elements_per_second": x.numel() / seconds,
-                "packed_elements_per_second": x.numel() / packed}  # fmt: skip
-    layer = torch.nn.Linear(features, features) if kind == "fp32" else FP4Linear(features, features)
     grad = torch.randn(tokens, features)
+    layers = {"fp32": torch.nn.Linear(features, features), "nvfp4": FP4Linear(features, features)}
 
-    def step() -> None:
+    def step(layer: torch.nn.Module) -> None:
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
-    return {"kind": kind, "seconds": benchmarking.median_seconds(step, repeats=repeats)}
+    calls = {
+        "fp32": lambda: step(layers["fp32"]),
+        "nvfp4": lambda: step(layers["nvfp4"]),
+        "fake_quantize": lambda: fake_quantize(x.detach()),
+        "quantize": lambda: quantize(x.detach()),
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for index in range(warmup + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if index >= warmup:
+                rounds[name].append(time.perf_counter() - start)
+    best = {name: min(times) for name, times in rounds.items()}
+    return {
+        "tokens": tokens, "features": features, "repeats": repeats,
+        **{f"{name}_seconds": seconds for name, seconds in best.items()},
+        "ratio": best["nvfp4"] / best["fp32"],
+        "elements_per_second": x.numel() / best["fake_quantize"],
+        "packed_elements_per_second": x.numel() / best["quantize"],
+        "rounds": rounds,
+    }  # fmt: skip
+
+
+# -- the same bits on CPU and CUDA -------------------------------------------------------------------------
+# One implementation of the cross-device comparison, used by benchmarks/gpu_check.py on a lent GPU and by
+# the tests marked ``gpu`` (tests/test_claims_fp4.py) wherever a CUDA device exists.
+
+CROSS_DEVICE_CASES: tuple[tuple[str, bool, torch.dtype], ...] = tuple(
+    (fmt, block_2d, dtype)
+    for fmt in ("nvfp4", "mxfp4", "ue5m3", "ue4m3")
+    for block_2d in (False, True)
+    for dtype in (torch.float32, torch.bfloat16)
+)
+"""The 16 (format, 2D blocks, input dtype) combinations whose CPU and CUDA bits must agree."""
+
+LINEAR_CROSS_DEVICE_TOLERANCE = 1.3e-6
+"""Largest ``|CPU - CUDA|`` of an ``FP4Linear`` result, per unit of the result's largest magnitude (at least 1).
+
+1.3e-6 is the forward difference measured on an H200 (outputs up to 2.3, as in ``compare_fp4_linear``), so
+the forward check has a 2.4x margin; scaling by the magnitude allows the gradients (entries up to ~40) the
+same relative float32 accumulation-order error. One operand element quantized differently moves a result
+by a grid step times the other operand, ~1e-2 or more: far outside.
+"""
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same shape, dtype and bits (``-0.0 != 0.0``; NaN payloads count)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    if a.dtype.is_floating_point:
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(as_int), b.view(as_int)
+    return torch.equal(a, b)
+
+
+def wide_range_tensor(
+    rows: int = 256, cols: int = 1024, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.Tensor:
+    """``[rows, cols]`` normal values times a column factor from 1e-4 to 1e4 (8 decades across the blocks, so
+    block scales span the scale formats' ranges, subnormal ones included), with row 0's first 16 elements 0
+    (a zero block); in ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=generator) * torch.logspace(-4, 4, cols)
+    x[0, :16] = 0
+    return x.to(dtype)
+
+
+def compare_quantization(
+    device: str | torch.device, fmt: str, block_2d: bool, dtype: torch.dtype, seed: int = 0
+) -> dict[str, Any]:
+    """Quantize ``wide_range_tensor(dtype=dtype, seed=seed)`` on CPU and on ``device`` (nearest rounding).
+
+    Returns:
+        the case and whether these agree bit for bit: ``fake_quantize`` (``fake_quantize_equal``), the packed
+        E2M1 codes (``codes_equal``), block-scale codes (``scales_equal``), tensor scale (``tensor_scale_equal``)
+        and ``dequantize`` of the packed form (``dequantize_equal``); ``bitwise_equal`` is all of them.
+    """
+    from lightning_bpfree.fp4.quantize import dequantize, fake_quantize, quantize
+
+    x = wide_range_tensor(dtype=dtype, seed=seed)
+    on_device = x.to(device)
+    packed_cpu = quantize(x, fmt, block_2d=block_2d)
+    packed_device = quantize(on_device, fmt, block_2d=block_2d)
+    row: dict[str, Any] = {
+        "fmt": fmt, "block_2d": block_2d, "dtype": str(dtype).removeprefix("torch."),
+        "fake_quantize_equal": bitwise_equal(fake_quantize(x, fmt, block_2d=block_2d),
+                                             fake_quantize(on_device, fmt, block_2d=block_2d)),
+        "codes_equal": bitwise_equal(packed_cpu.codes, packed_device.codes),
+        "scales_equal": bitwise_equal(packed_cpu.scale_bits, packed_device.scale_bits),
+        "tensor_scale_equal": bitwise_equal(packed_cpu.tensor_scale, packed_device.tensor_scale),
+        "dequantize_equal": bitwise_equal(dequantize(packed_cpu), dequantize(packed_device)),
+    }  # fmt: skip
+    row["bitwise_equal"] = all(value for key, value in row.items() if key.endswith("_equal"))
+    return row
+
+
+def compare_fp4_linear(device: str | torch.device, seed: int = 0) -> dict[str, Any]:
+    """Forward and backward of one ``FP4Linear(512, 256)`` on 64 tokens, on CPU and on ``device``.
+
+    The recipe is NVFP4 with nearest rounding everywhere and no Hadamard transform, so every quantized
+    operand is a deterministic elementwise function of the data and must be bit-identical on both devices:
+    stochastic rounding draws from each device's own generator (different streams), and the transform is a
+    16-wide matmul whose float32 sums may be ordered differently. What may differ is the float32 GEMMs'
+    accumulation order, so each result is compared against ``LINEAR_CROSS_DEVICE_TOLERANCE`` times its
+    largest magnitude. TF32 is switched off for the duration (``float32_matmul_precision("highest")``).
+
+    Returns:
+        for ``output``, ``grad_input``, ``grad_weight`` and ``grad_bias``: ``<name>_max_abs_diff``,
+        ``<name>_max_abs`` (of the CPU result) and ``<name>_within_tolerance``; ``within_tolerance`` (all four).
+    """
+    from lightning_bpfree.fp4.linear import FP4Linear
+    from lightning_bpfree.fp4.recipe import FP4Recipe
+
+    recipe = FP4Recipe(stochastic_rounding=False, rht=False)
+    # another seed than the weights': one Mersenne Twister stream for both would correlate them
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = torch.randn(64, 512, generator=generator)
+    grad_output = torch.randn(64, 256, generator=generator)
+    torch.manual_seed(seed)
+    reference = FP4Linear(512, 256, recipe=recipe)
+    results = {}
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for where in ("cpu", device):
+            layer = FP4Linear(512, 256, recipe=recipe).to(where)
+            layer.load_state_dict(reference.state_dict())
+            x = inputs.to(where).requires_grad_(True)
+            output = layer(x)
+            output.backward(grad_output.to(where))
+            results[str(where)] = {"output": output.detach().cpu(), "grad_input": x.grad.cpu(),
+                                   "grad_weight": layer.weight.grad.cpu(), "grad_bias": layer.bias.grad.cpu()}  # fmt: skip
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    cpu, other = results["cpu"], results[str(device)]
+    row: dict[str, Any] = {"device": str(device)}
+    for name in cpu:
+        largest = cpu[name].abs().max().item()
+        difference = (cpu[name] - other[name]).abs().max().item()
+        row[f"{name}_max_abs_diff"] = difference
+        row[f"{name}_max_abs"] = largest
+        row[f"{name}_within_tolerance"] = difference <= LINEAR_CROSS_DEVICE_TOLERANCE * max(1.0, largest)
+    row["within_tolerance"] = all(row[f"{name}_within_tolerance"] for name in cpu)
+    return row
+
+
+def stochastic_rounding_bias(device: str | torch.device, rows: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """Mean error of NVFP4 stochastic rounding of 0.37 on ``device``, against its exact expectation.
+
+    Every 16-element block of a ``[rows, 1024]`` tensor holds one 6.0 (which pins the block scale, so 0.37
+    lies between the grid points 0 and 0.5) and 15 copies of 0.37. The 8-bit rule rounds up when
+    ``0.37 + r / 256 * 0.5 >= 0.5`` for the drawn ``r`` in 0..255, so the exact mean is
+    ``0.5 * #{r: ...} / 256`` (0.3691, not 0.37: unbiased only up to 1/256 of a step).
+
+    Returns:
+        ``mean`` of the rounded 0.37s, ``expected`` (the exact mean above, in float64), ``mean_error``
+        (``mean - 0.37``, the figure docs/gpu.md quotes), ``standard_error`` (of ``mean``, from the two-point
+        distribution), ``z`` (``(mean - expected) / standard_error``) and ``count``.
+    """
+    from lightning_bpfree.fp4.quantize import fake_quantize
+
+    value = 0.37
+    x = torch.full((rows, 1024), value, device=device)
+    x[:, ::16] = 6.0
+    rounded = fake_quantize(x, "nvfp4", rounding="stochastic",
+                            generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
+    keep = torch.ones(1024, dtype=torch.bool, device=device)
+    keep[::16] = False
+    samples = rounded[:, keep].double()
+    # the two dequantized neighbours of 0.37 (0 and 0.5 up to the scale chain's float32 rounding)
+    low, high = fake_quantize(torch.tensor([[6.0] + [0.0] + [0.5] * 14]), "nvfp4")[0, 1:3].double().tolist()
+    up = sum(value + r / 256 * 0.5 >= 0.5 for r in range(256)) / 256
+    expected = low + up * (high - low)
+    standard_error = (high - low) * (up * (1 - up) / samples.numel()) ** 0.5
+    mean = samples.mean().item()
+    return {"device": str(device), "mean": mean, "expected": expected, "mean_error": mean - value,
+            "standard_error": standard_error, "z": (mean - expected) / standard_error, "count": samples.numel()}  # fmt: skip
+
+
+def cross_device_check(device: str | torch.device) -> dict[str, Any]:
+    """Every cross-device comparison: the 16 ``CROSS_DEVICE_CASES``, ``FP4Linear`` and stochastic rounding.
+
+    Returns:
+        ``cases`` (one ``compare_quantization`` row each), ``all_bitwise_equal``, ``fp4_linear``
+        (``compare_fp4_linear``) and ``stochastic_rounding`` (``stochastic_rounding_bias``).
+    """
+    cases = [compare_quantization(device, fmt, block_2d, dtype, seed=index)
+             for index, (fmt, block_2d, dtype) in enumerate(CROSS_DEVICE_CASES)]  # fmt: skip
+    return {"device": str(device), "cases": cases, "all_bitwise_equal": all(row["bitwise_equal"] for row in cases),
+            "fp4_linear": compare_fp4_linear(device), "stochastic_rounding": stochastic_rounding_bias(device)}  # fmt: skip
 
 
 def _plot(results: list[dict[str, Any]], path) -> None:
@@ -232,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = dict(steps=150, hidden_size=64, num_layers=4, seq_len=64, batch_size=16, lr=3e-3, keep_last_n=1)
         speed = dict(tokens=2048, features=4096, repeats=3)
-        val_blocks, configs = 512, list(CONFIGS)
+        val_blocks, configs = 512, list(DEFAULT_CONFIGS)
     configs = args.configs or configs
     if args.steps is not None:
         model["steps"] = args.steps
@@ -252,16 +458,23 @@ def main(argv: list[str] | None = None) -> int:
 
     speed_rows = []
     if not args.skip_speed:
-        for kind in benchmarking.progress(("fp32", "nvfp4", "quantize"), desc="fp4 speed"):
-            speed_rows.append(benchmarking.run_in_subprocess(f"{__name__}:speed_config", threads=threads, kind=kind, **speed))
-        base = speed_rows[0]["seconds"]
-        for row in speed_rows:
-            row["ratio_to_fp32"] = row["seconds"] / base
-            row["peak_rss_mib"] = benchmarking.mib(row["peak_rss_bytes"])
+        # one subprocess timing all four in turns (interleaved_speed), so load on the machine cancels in the ratios
+        timing = benchmarking.run_in_subprocess(f"{__name__}:interleaved_speed", threads=threads, **speed)
+        fp32 = timing["fp32_seconds"]
+        speed_rows = [
+            {"kind": "fp32", "seconds": fp32, "ratio_to_fp32": 1.0},
+            {"kind": "nvfp4", "seconds": timing["nvfp4_seconds"], "ratio_to_fp32": timing["ratio"]},
+            {"kind": "quantize", "seconds": timing["fake_quantize_seconds"],
+             "ratio_to_fp32": timing["fake_quantize_seconds"] / fp32,
+             "elements_per_second": timing["elements_per_second"],
+             "packed_elements_per_second": timing["packed_elements_per_second"]},
+        ]  # fmt: skip
         speed_table = benchmarking.format_table(
             speed_rows, ["kind", "seconds", "ratio_to_fp32", "elements_per_second", "packed_elements_per_second"]
         )
-        report += f"\n\nLinear {speed['features']}x{speed['features']}, {speed['tokens']} tokens, fwd+bwd:\n{speed_table}"
+        report += (f"\n\nLinear {speed['features']}x{speed['features']}, {speed['tokens']} tokens, fwd+bwd "
+                   f"(fastest of {speed['repeats']} rounds in turns):\n{speed_table}")  # fmt: skip
+        speed["rounds"] = timing["rounds"]
 
     figures = {"model": model, "speed_shape": speed, "sweep": results, "speed": speed_rows, "torch_threads": threads}
     benchmarking.finish(args.out, NAME, figures, report, lambda path: _plot(results, path))
