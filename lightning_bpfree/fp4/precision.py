@@ -9,10 +9,20 @@ the stochastic-rounding generator states in checkpoints.
 Where TransformerEngine and a GPU with NVFP4 tensor cores (compute capability 10.0 or 10.3) are
 present, ``NVFP4Precision(backend="auto")`` hands the layers to TransformerEngine's
 ``NVFP4BlockScaling`` recipe instead of the emulation.
+
+Sharded models (``ModelParallelStrategy`` with FSDP2's ``fully_shard`` in ``configure_model``):
+Lightning calls ``convert_module`` after ``configure_model``, so the layers are already sharded.
+FSDP2 keeps references to each ``nn.Linear`` object and gathers its weight into that object for the
+forward; a new ``FP4Linear`` sharing the sharded weight would compute on a shard. The plugin then
+turns each eligible ``nn.Linear`` into an ``FP4Linear`` in place (same object, same parameters, its
+class changed), which gives the layers converting before ``fully_shard`` would: the same choice of
+layers, the same seeds, and each forward quantizes the whole gathered weight (its tensor scale is
+the whole weight's). Tensor parallel layouts and the TransformerEngine backend are refused there.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -23,7 +33,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_bpfree.fp4.constants import BACKENDS, COMPUTE_DTYPES, GEMMS, NVFP4_CAPABILITIES, OPERANDS
-from lightning_bpfree.fp4.convert import ConversionReport, KeepHighPrecision, convert_to_fp4, fp4_layers
+from lightning_bpfree.fp4.convert import (
+    ConversionReport,
+    KeepHighPrecision,
+    convert_to_fp4,
+    fp4_layers,
+    plan_conversion,
+)
+from lightning_bpfree.fp4.linear import FP4Linear
 from lightning_bpfree.fp4.recipe import FP4Recipe, check_names, check_recipe
 from lightning_bpfree.fp4.transformer_engine import (
     convert_to_transformer_engine,
@@ -45,6 +62,29 @@ __all__ = [
     "select_backend",
     "transformer_engine_available",
 ]
+
+
+def _fsdp_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` or one of its submodules."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in module.modules())
+
+
+def _check_fsdp_layout(name: str, linear: nn.Module) -> None:
+    """Refuse a linear that FSDP2 alone does not explain (tensor parallel weights, fully_shard on the linear)."""
+    if type(linear) is not nn.Linear:
+        raise ValueError(
+            f"cannot make the sharded layer {name!r} ({type(linear).__name__}) FP4 in place: apply fully_shard to "
+            "the blocks holding the linear layers, not to the nn.Linear modules themselves"
+        )
+    for param in linear.parameters(recurse=False):
+        shards = [p for p in getattr(param, "placements", ()) if not p.is_replicate()]
+        if len(shards) > 1 or any(not (p.is_shard() and p.dim == 0) for p in shards):
+            raise ValueError(
+                f"FP4 layers support FSDP2 (parameters sharded along dim 0), got placements {param.placements} for "
+                f"{name!r}; tensor parallelism is not supported"
+            )
 
 
 class FP4Precision(Precision):
@@ -104,8 +144,25 @@ class FP4Precision(Precision):
 
     # -- conversion ---------------------------------------------------------------------------------
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Swap eligible ``nn.Linear`` layers in place (the return value is ``module`` itself)."""
-        if self.backend == "transformer_engine":
+        """Swap eligible ``nn.Linear`` layers in place (the return value is ``module`` itself).
+
+        Under FSDP2 (``fully_shard`` already applied by ``configure_model``) the layers are converted
+        by changing their class in place: see the module docstring.
+        """
+        sharded = _fsdp_sharded(module)
+        if sharded and self.backend == "transformer_engine":
+            raise ValueError(
+                "backend='transformer_engine' does not support FSDP2-sharded models (it replaces the layers FSDP "
+                "tracks); use backend='emulate'"
+            )
+        if sharded:
+            self.report = self._convert_sharded(module)
+            self._layers = dict(fp4_layers(module))
+            rank_zero_info(
+                f"{type(self).__name__}: {len(self.report.converted)} sharded linear layers made {self.recipe.fmt} "
+                f"in place, {len(self.report.kept)} kept in high precision ({', '.join(self.report.kept) or 'none'})"
+            )
+        elif self.backend == "transformer_engine":
             self._te_recipe = transformer_engine_recipe(self.recipe)
             self.report, self._layers = convert_to_transformer_engine(module, self.recipe, self.keep)
         else:
@@ -121,6 +178,25 @@ class FP4Precision(Precision):
         self._apply_pending_generator_states()
         self._maybe_switch()
         return module
+
+    def _convert_sharded(self, module: nn.Module) -> ConversionReport:
+        """Turn the eligible ``nn.Linear`` layers of an FSDP2-sharded ``module`` into ``FP4Linear`` in place.
+
+        The layer objects and their (sharded) parameters stay those FSDP2 tracks; each gets the
+        attributes ``FP4Linear.__init__`` sets, with the seeds ``convert_to_fp4`` would give.
+        """
+        report = plan_conversion(module, self.recipe, self.keep)
+        for name in report.converted:  # all checked before any is changed
+            _check_fsdp_layout(name, module.get_submodule(name))
+        for offset, name in enumerate(report.converted):
+            linear = module.get_submodule(name)
+            linear.__class__ = FP4Linear
+            linear.recipe = self.recipe
+            linear.compute_dtype = self.compute_dtype
+            linear.seed = self.seed + offset
+            linear.fp4_enabled = True
+            linear._generator = None
+        return report
 
     def forward_context(self) -> AbstractContextManager:
         if self.backend != "transformer_engine" or self.switched:

@@ -17,9 +17,21 @@ normally. ``trainer.global_step`` still reads the steps taken.
 Data parallel: under Lightning's ``strategy="ddp"`` (``DDPStrategy``) the optimizer shares rank
 0's seed and averages the loss scalars of every forward over ranks (see
 :func:`~lightning_bpfree.zo.distributed.make_data_parallel`), exactly as
-``ZODataParallelStrategy`` does, so parameters stay bitwise identical on every rank. Other
-multi-process strategies (FSDP, DeepSpeed, model parallel) shard or wrap the parameters in ways
-the estimate does not handle and are refused at ``setup``.
+``ZODataParallelStrategy`` does, so parameters stay bitwise identical on every rank.
+
+Sharded: under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` with a
+``configure_model`` that applies FSDP2's ``fully_shard``, the seed and the loss averaging are the
+same, and each rank perturbs and updates only its own shard of every parameter (``DTensor``
+``Shard(0)``, through ``to_local()``) with the slice of the noise the whole parameter gets; the
+optimizer state is sharded the same way. The run follows the trajectory of one process on the
+combined batch (float rounding aside) whatever the number of ranks; our code never gathers a
+parameter (FSDP all-gathers each layer for its forward, as it always does). Refused at ``setup``:
+tensor parallelism (``tensor_parallel_size > 1``), any other placement, ``forward-grad``,
+``sparsity`` and ``first_order`` on sharded parameters, and the other multi-process strategies
+(FSDP1's ``FSDPStrategy`` flattens parameters, DeepSpeed wraps them). Checkpoints there are
+distributed: the callback keeps the optimizer's seed and step counter in its own state (distributed
+checkpointing saves only an optimizer's ``state`` and ``param_groups``) and creates the optimizer
+state up front (it loads only into entries that exist). See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from lightning_bpfree.validation import (
     check_bool,
@@ -39,7 +51,13 @@ from lightning_bpfree.validation import (
     check_options,
     check_positive_float,
 )
-from lightning_bpfree.zo.distributed import make_data_parallel, undo_data_parallel
+from lightning_bpfree.zo.distributed import (
+    fsdp_modules,
+    is_sharded,
+    make_data_parallel,
+    reshard,
+    undo_data_parallel,
+)
 from lightning_bpfree.zo.optim import OPTIMIZERS, ZOOptimizer, make_optimizer
 from lightning_bpfree.zo.strategy import ZODataParallelStrategy
 from lightning_bpfree.zo.weight_decay import BIAS_AND_NORM, check_no_decay, weight_decay_groups
@@ -102,8 +120,10 @@ class ZerothOrder(Callback):
         self._scheduler_interval = "step"
         self._patched: list[str] = []
         self._original: dict[str, Any] = {}  # what setup changed on the module, to give back
-        self._data_parallel = False  # share the seed and average the losses over ranks (DDPStrategy)
+        self._data_parallel = False  # share the seed and average the losses over ranks (DDP, ModelParallel)
         self._optimizer: ZOOptimizer | None = None
+        self._pending_zo_state: dict[str, int] | None = None  # from a checkpoint read before the optimizer exists
+        self._final_zo_state: dict[str, int] | None = None  # for a checkpoint saved after fit
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,6 +159,8 @@ class ZerothOrder(Callback):
         self._patched = []
         if self._optimizer is not None and self._data_parallel:
             undo_data_parallel(self._optimizer)
+        if self._optimizer is not None:
+            self._final_zo_state = dict(self._optimizer.zo_state)
         self._optimizer = None
         # trainer.global_step reads the automatic loop's counter once the flag is True again: give it
         # the steps the manual loop counted, so the finished trainer still reports them
@@ -157,10 +179,20 @@ class ZerothOrder(Callback):
             return False  # one process, or the strategy wires the optimizer itself
         if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
             return True
+        if isinstance(strategy, ModelParallelStrategy):
+            # the device mesh exists: setup_environment ran before the callbacks' setup
+            tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+            if tensor_parallel != 1:
+                raise ValueError(
+                    "ZerothOrder under ModelParallelStrategy supports data parallelism with FSDP2 only: "
+                    f"tensor_parallel_size must be 1, got {tensor_parallel}"
+                )
+            return True  # the layout of every sharded parameter is checked when the optimizer is built
         raise ValueError(
             f"ZerothOrder cannot train under strategy {type(strategy).__name__} with {trainer.world_size} processes: "
-            "it shards or wraps the parameters, and the ranks would draw different noise or drift apart. Use "
-            "strategy='ddp' or ZODataParallelStrategy() (every rank holds the whole model)."
+            "it flattens or wraps the parameters, and the ranks would draw different noise or drift apart. Use "
+            "strategy='ddp', ZODataParallelStrategy() (every rank holds the whole model) or "
+            "ModelParallelStrategy(tensor_parallel_size=1) with FSDP2's fully_shard in configure_model."
         )
 
     def _validate_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,6 +222,12 @@ class ZerothOrder(Callback):
             weight_decay = self.optimizer_options.get("weight_decay", 0.0)
             groups = weight_decay_groups(pl_module, weight_decay, self.no_decay)
             optimizer = make_optimizer(self.optimizer_name, groups, **self.optimizer_options)
+            self._final_zo_state = None
+            if self._pending_zo_state is not None:  # resuming: the step counter and seed of the checkpoint
+                optimizer.zo_state.update(self._pending_zo_state)
+                self._pending_zo_state = None
+            if any(is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+                optimizer.init_state()  # what distributed checkpointing needs to save and load into
             if self._data_parallel:  # the process group is up: configure_optimizers runs in strategy.setup
                 strategy = pl_module.trainer.strategy
                 make_data_parallel(optimizer, strategy.root_device if strategy.root_device.type == "cuda" else None)
@@ -205,11 +243,39 @@ class ZerothOrder(Callback):
 
         return configure_optimizers
 
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's seed and step counter (``zo_state``), also kept here because distributed
+        checkpointing (``ModelParallelStrategy``) saves only an optimizer's ``state`` and ``param_groups``."""
+        zo_state = self._final_zo_state if self._optimizer is None else self._optimizer.zo_state
+        return {} if zo_state is None else {"zo_state": dict(zo_state)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        zo_state = state_dict.get("zo_state")
+        if not zo_state:
+            return
+        if self._optimizer is not None:  # ModelParallelStrategy restores callbacks after building optimizers
+            self._optimizer.zo_state.update({key: int(value) for key, value in zo_state.items()})
+        else:
+            self._pending_zo_state = {key: int(value) for key, value in zo_state.items()}
+
     # ------------------------------------------------------------------------------ the step
     def _training_step(self, pl_module: pl.LightningModule, user_step: Callable[..., Any]) -> Callable[..., Any]:
+        sharded: list[torch.nn.Module] | None = None  # the FSDP2 modules, found at the first step
+
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            nonlocal sharded
+            if sharded is None:
+                sharded = fsdp_modules(pl_module)
+
             def closure() -> torch.Tensor:
-                output = user_step(*args, **kwargs)
+                # every forward gathers the shards as the step left them (FSDP2 keeps the root's
+                # parameters gathered after a forward, expecting a backward), and frees them after
+                reshard(sharded)
+                try:
+                    output = user_step(*args, **kwargs)
+                finally:
+                    reshard(sharded)
                 loss = output.get("loss") if isinstance(output, Mapping) else output
                 if loss is None:
                     raise ValueError("with ZerothOrder, training_step must return the loss (or a dict with 'loss')")

@@ -39,6 +39,7 @@ from lightning_bpfree.validation import (
     check_seed,
 )
 from lightning_bpfree.zo.blocks import ParameterBlocks
+from lightning_bpfree.zo.distributed import is_sharded, local_tensor
 from lightning_bpfree.zo.parts import ZOPart
 from lightning_bpfree.zo.perturbation import SeededNoise, chunk_of, mix_seed
 
@@ -134,7 +135,15 @@ class ZOOptimizer(Optimizer):
     ``loss_reducer`` (attribute, default None): ``fn(values) -> values`` applied to the float64
     tensor of the losses each closure call returns; data-parallel training sets it to an
     all-reduce mean (see :func:`~lightning_bpfree.zo.distributed.all_reduce_mean`).
+
+    Sharded parameters (FSDP2 ``DTensor``s split along dim 0) are perturbed and updated through
+    their local shard with the matching slice of the whole parameter's noise; state buffers
+    (momentum, Adam moments, the exact-restore copy) hold the local shard only. ``forward-grad``,
+    ``sparsity`` and ``first_order`` need whole parameters and refuse sharded ones (``ValueError``).
     """
+
+    supports_sharding = True
+    """Whether the method works on sharded parameters through their local shards (see above)."""
 
     combine_queries = False
     """When True, ``update`` calls ``update_chunk`` once per chunk with ``z`` the averaged estimate
@@ -217,6 +226,23 @@ class ZOOptimizer(Optimizer):
                 break
         return names
 
+    def check_sharding_support(self) -> None:
+        """Refuse (``ValueError``) a sharded parameter when the method or a part needs whole parameters."""
+        needs_whole = [
+            name
+            for name, needed in (
+                (f"the optimizer {type(self).__name__}", not self.supports_sharding),
+                ("sparsity", self.sparsity is not None),
+                ("first_order", self.first_order is not None),
+            )
+            if needed
+        ]
+        if needs_whole and any(is_sharded(p) for group in self.param_groups for p in group["params"]):
+            raise ValueError(
+                f"{' and '.join(needs_whole)} need(s) whole parameters, but some parameters are sharded (FSDP2 "
+                "DTensors); use a zo-sgd* or zo-adam optimizer without sparsity / first_order, or do not shard"
+            )
+
     def _check_trainable(self) -> None:
         """Refuse to run when no parameter is left for the estimate: the step would train nothing silently."""
         if not self.trainable_parameters():
@@ -295,11 +321,12 @@ class ZOOptimizer(Optimizer):
     def _save_backup(self) -> None:
         for _, params, indices in self._indexed_params():
             for p, i in zip(params, indices):
+                local = local_tensor(p)  # the local shard of a sharded parameter
                 buffer = self._backup.get(i)
-                if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype:
-                    self._backup[i] = p.detach().clone()
+                if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
+                    self._backup[i] = local.clone()
                 else:
-                    buffer.copy_(p.detach())
+                    buffer.copy_(local)
 
     def _keep_copy(self) -> bool:
         """Save the copy of theta when exact restores are on; returns whether they are."""
@@ -327,7 +354,7 @@ class ZOOptimizer(Optimizer):
         if use_backup:
             for _, params, indices in self._indexed_params():
                 for p, i in zip(params, indices):
-                    p.data.copy_(self._backup[i])
+                    local_tensor(p).copy_(self._backup[i])
         else:
             self.perturb_(seed, -current_scale_in_eps)
 
@@ -424,9 +451,24 @@ class ZOOptimizer(Optimizer):
     def prepare_update(self) -> None:
         """Hook run on the main thread before each update pass (create per-parameter state here)."""
 
+    def init_state(self) -> None:
+        """Create the per-parameter state now, as the first update would (zero buffers; an empty entry
+        for methods without any), so that the state is the same as if created lazily.
+
+        Distributed checkpointing (``torch.distributed.checkpoint``, which ``ModelParallelStrategy``
+        uses) loads only into state entries that exist, and fills an empty optimizer state by calling
+        ``step()`` without a closure, which a ZO step cannot take.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]  # noqa: B018 - creates the (empty) entry
+
     def state_of(self, index: int, name: str) -> torch.Tensor:
-        """The per-parameter buffer ``name`` of parameter ``index`` (zeros, created by ``prepare_update``)."""
-        return self.state[self._param_at[index]][name]
+        """The per-parameter buffer ``name`` of parameter ``index`` (zeros, created by ``prepare_update``).
+
+        Shaped like the parameter, or like its local shard when it is sharded.
+        """
+        return local_tensor(self.state[self._param_at[index]][name])
 
     def _init_buffers(self, *names: str) -> None:
         self._param_at = {}
@@ -435,7 +477,12 @@ class ZOOptimizer(Optimizer):
             state = self.state[p]
             for name in names:
                 if name not in state:
-                    state[name] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                    # a sharded parameter gets a DTensor buffer laid out like it: each rank allocates its
+                    # shard only, and distributed checkpointing sees how the buffer is split
+                    if is_sharded(p):
+                        state[name] = torch.zeros_like(p.data)
+                    else:
+                        state[name] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
 
     def direction(self, index: int, param: torch.Tensor, seed: int) -> torch.Tensor:
         """The whole (masked) float32 noise tensor that ``seed`` applies to parameter ``index``."""
@@ -463,6 +510,7 @@ class ZOOptimizer(Optimizer):
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
         self._check_trainable()  # parameters may have been frozen since construction
+        self.check_sharding_support()
         for part in self.parts:
             part.before_step(self, closure)
         if any(part.skips_step() for part in self.parts):
@@ -577,6 +625,10 @@ class ZOSGDMomentum(ZOOptimizer):
     def prepare_update(self) -> None:
         self._init_buffers("momentum_buffer")
 
+    def init_state(self) -> None:
+        super().init_state()
+        self._init_buffers("momentum_buffer")
+
     def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
         buffer = self.chunk_of(self.state_of(index, "momentum_buffer"), start, values)
         buffer.mul_(group["momentum"]).add_(z)
@@ -612,6 +664,12 @@ class ZOAdam(ZOOptimizer):
         self._init_buffers("exp_avg", "exp_avg_sq")
         for _, p in self.trainable_parameters():
             self.state[p]["step"] = self.state[p].get("step", 0) + 1
+
+    def init_state(self) -> None:
+        super().init_state()
+        self._init_buffers("exp_avg", "exp_avg_sq")
+        for _, p in self.trainable_parameters():
+            self.state[p].setdefault("step", 0)
 
     def update_chunk(self, group, index, start, values, z, coeff, query) -> None:
         beta1, beta2 = group["betas"]
@@ -660,7 +718,7 @@ class ZOSGDConservative(ZOOptimizer):
         self.last_choice = choice
         for group, params, _ in self._indexed_params():
             for p in params:
-                self._decay(group, p)
+                self._decay(group, local_tensor(p))
 
 
 class ForwardGradient(ZOOptimizer):
@@ -672,8 +730,10 @@ class ForwardGradient(ZOOptimizer):
     loss and ``d = grad L . v``. Update: ``theta <- theta * (1 - lr * wd) - lr * mean_q d_q v_q``.
     ``eps`` and ``one_sided`` are unused. The closure must be differentiable in forward mode; it
     runs with ``scaled_dot_product_attention`` restricted to its math kernel (the fused CPU and CUDA
-    kernels have no forward-mode derivative).
+    kernels have no forward-mode derivative). It needs whole parameters: sharded (FSDP2) ones are refused.
     """
+
+    supports_sharding = False  # the tangents would have to follow FSDP's all-gather
 
     def directional_derivative(self, closure: Callable[[], Any], seed: int) -> tuple[float, float]:
         """``(L(theta), grad L(theta) . v)`` for the tangent ``v`` of ``seed``."""

@@ -13,6 +13,12 @@ elements, each drawn from its own generator seeded by ``(step seed, parameter in
 
 Noise is drawn in float32 whatever the parameter's dtype, so the same seed gives the same
 direction for fp32, bf16 and fp16 weights.
+
+Sharded parameters (FSDP2 ``DTensor``s, see :func:`~lightning_bpfree.zo.distributed.shard_of`): a
+rank holding the flat elements ``[offset, offset + n)`` of a parameter draws the whole chunks of the
+parameter that overlap that range (same seeds, same sizes) and keeps the overlap, so its noise is
+exactly the slice of the noise the whole parameter gets in one process. The cost is at most two
+chunks drawn partly in vain per shard.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from lightning_bpfree.validation import check_choice, check_int, check_optional, check_positive_int
+from lightning_bpfree.zo.distributed import shard_of
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
@@ -55,7 +62,8 @@ def mix_seed(*values: int) -> int:
 ChunkFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """``fn(param_index, start, values, z)``: ``values`` is a flat view of a parameter's elements
 ``start : start + len(values)`` (the whole tensor, unflattened, for a non-contiguous parameter), and
-``z`` the float32 noise for exactly those elements, same shape."""
+``z`` the float32 noise for exactly those elements, same shape. For a sharded parameter ``values``
+and ``start`` refer to the rank's local shard (``DTensor.to_local()``), not to the whole parameter."""
 
 
 def chunk_of(buffer: torch.Tensor, start: int, values: torch.Tensor) -> torch.Tensor:
@@ -128,21 +136,43 @@ class SeededNoise:
         return buffer
 
     def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None):
-        """``(param_index, chunk_number, start, values)`` for every chunk of every parameter."""
+        """A task per chunk of every parameter: see :meth:`_param_tasks`."""
         indices = range(len(params)) if param_indices is None else param_indices
         for position, param in enumerate(params):
-            index = indices[position]
-            data = param.data
+            yield from self._param_tasks(indices[position], *shard_of(param))
+
+    def _param_tasks(self, index: int, data: torch.Tensor, offset: int, numel: int):
+        """``(param_index, chunk_number, start, values, drawn, skip)`` for every chunk of ``data``.
+
+        ``data`` holds the flat elements ``offset : offset + data.numel()`` of a parameter of
+        ``numel`` elements (all of them unless sharded). ``values`` is ``data``'s slice from its
+        element ``start``; its noise is elements ``skip : skip + values.numel()`` of the chunk's draw of
+        ``drawn`` elements (the whole chunk of the whole parameter, so that shards slice the same noise).
+        """
+        if offset == 0 and data.numel() == numel:  # the whole parameter
             if not data.is_contiguous():
-                yield index, 0, 0, data
-                continue
+                yield index, 0, 0, data, data.numel(), 0
+                return
             flat = data.view(-1)
             size = self.chunk_size(flat.device)
-            for chunk, start in enumerate(range(0, flat.numel(), size)):
-                yield index, chunk, start, flat[start : start + size]
+            for chunk, start in enumerate(range(0, numel, size)):
+                values = flat[start : start + size]
+                yield index, chunk, start, values, values.numel(), 0
+            return
+        flat = data.view(-1)  # a shard (contiguous, see shard_of): the whole chunks overlapping it
+        if not flat.numel():  # an empty shard (fewer rows than ranks)
+            return
+        size, end = self.chunk_size(flat.device), offset + flat.numel()
+        for chunk in range(offset // size, -(-end // size)):
+            low, high = max(chunk * size, offset), min((chunk + 1) * size, end)
+            values = flat[low - offset : high - offset]
+            yield index, chunk, low - offset, values, min(size, numel - chunk * size), low - chunk * size
 
-    def _chunk_noise(self, seed: int, index: int, chunk: int, values: torch.Tensor) -> torch.Tensor:
-        z = self.draw(mix_seed(seed, index, chunk), values.numel(), values.device, self._buffer(values.numel(), values.device))
+    def _chunk_noise(self, seed: int, task: tuple) -> torch.Tensor:
+        index, chunk, _, values, drawn, skip = task
+        z = self.draw(mix_seed(seed, index, chunk), drawn, values.device, self._buffer(drawn, values.device))
+        if drawn != values.numel():  # part of a chunk of a sharded parameter
+            return z[skip : skip + values.numel()]
         return z if values.dim() == 1 else z.view(values.shape)  # a non-contiguous parameter, processed whole
 
     def _run(self, tasks: list, run: Callable[[tuple], None]) -> None:
@@ -169,8 +199,8 @@ class SeededNoise:
         """
 
         def run(task: tuple) -> None:
-            index, chunk, start, values = task
-            fn(index, start, values, self._chunk_noise(seed, index, chunk, values))
+            index, _, start, values, _, _ = task
+            fn(index, start, values, self._chunk_noise(seed, task))
 
         self._run(list(self._tasks(params, param_indices)), run)
 
@@ -192,23 +222,40 @@ class SeededNoise:
             raise ValueError(f"seeds and weights must be non-empty and of equal length, got {len(seeds)} and {len(weights)}")
 
         def run(task: tuple) -> None:
-            index, chunk, start, values = task
+            index, _, start, values, _, _ = task
             combined = None
             for seed, weight in zip(seeds, weights):
-                z = self._chunk_noise(seed, index, chunk, values)
+                z = self._chunk_noise(seed, task)
                 combined = z * weight if combined is None else combined.add_(z, alpha=weight)
             fn(index, start, values, combined, z)
 
         self._run(list(self._tasks(params, param_indices)), run)
 
     def noise_like(self, param: torch.Tensor, seed: int, param_index: int = 0) -> torch.Tensor:
-        """The whole noise tensor (shape of ``param``, float32) that ``for_each_chunk`` applies to it."""
-        if not param.is_contiguous():
-            return self.draw(mix_seed(seed, param_index, 0), param.numel(), param.device).view(param.shape)
-        out = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        """The noise tensor (float32) that ``for_each_chunk`` applies to ``param``: shaped like it, or
+        like its local shard for a sharded parameter (the matching slice of the whole parameter's noise)."""
+        data, offset, numel = shard_of(param)
+        if not data.is_contiguous():
+            return self.draw(mix_seed(seed, param_index, 0), data.numel(), data.device).view(data.shape)
+        return self.slice_noise(seed, param_index, data.shape, offset, numel, data.device)
 
-        def copy(_: int, __: int, values: torch.Tensor, z: torch.Tensor) -> None:
-            values.copy_(z)
+    def slice_noise(
+        self,
+        seed: int,
+        param_index: int,
+        shape: Sequence[int],
+        offset: int,
+        numel: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """The float32 noise of the flat elements ``offset : offset + prod(shape)`` of a contiguous
+        parameter of ``numel`` elements, shaped ``shape``: what a shard holding those elements draws."""
+        out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+        if not 0 <= offset <= offset + out.numel() <= numel:
+            raise ValueError(f"elements {offset}:{offset + out.numel()} are not inside a parameter of {numel} elements")
 
-        self.for_each_chunk([out], seed, copy, param_indices=[param_index])
+        def copy(task: tuple) -> None:
+            task[3].copy_(self._chunk_noise(seed, task))
+
+        self._run(list(self._param_tasks(param_index, out, offset, numel)), copy)
         return out
