@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lightning_bpfree.zo.demo", "MeZO fine-tuning of SmolLM2-135M-Instruct in a Lightning Trainer"),
     "zo-bench": ("lightning_bpfree.zo.bench", "ZO optimizers and enhancements; --part memory: ZO step vs inference and FO"),
+    "zo-scale": ("lightning_bpfree.zo.scale_bench", "the largest LLaMA each method trains in a memory budget (ZO vs FO)"),
     "fp4-bench": ("lightning_bpfree.fp4.bench", "FP4 formats and recipe ablations: error and training loss"),
     "attention-bench": ("lightning_bpfree.attention.bench", "SOFT vs softmax attention: time and memory vs length"),
     "diffusion-bench": ("lightning_bpfree.diffusion.bench", "adjoint vs direct backprop through sampling"),

@@ -28,6 +28,10 @@ BAD_OPTIONS: dict[str, list[list[str]]] = {
         ["--part", "foo"], ["--model", "foo"], ["--only", "sgd"], ["--device", "foo"],
         *([] if torch.cuda.is_available() else [["--device", "cuda"]]),
     ],
+    "zo-scale": [
+        ["--budget-gib", "0"], ["--budget-gib", "nan"], ["--methods", "foo"], ["--seq-len", "0"], ["--batch-size", "0"],
+        ["--trial-timeout", "0"], ["--trial-timeout", "inf"],
+    ],
     "fp4-bench": [["--steps", "0"], ["--steps", "-5"], ["--configs", "foo"]],
     "attention-bench": [
         ["--lengths", "0"], ["--lengths", "512", "-64"], ["--lengths", "100"], ["--methods", "foo"],

@@ -50,11 +50,11 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
 CAPABILITIES = ("zo", "fp4", "attention", "diffusion", "noprop", "odice", "bgpo", "attribution")
 
 
-def test_cli_help_lists_exactly_demo_and_one_bench_per_capability(capsys):
+def test_cli_help_lists_exactly_demo_one_bench_per_capability_and_zo_scale(capsys):
     assert cli.main(["--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines[lines.index("commands:") + 1 :] if line.startswith("  ")]
-    assert listed == ["demo", *(f"{c}-bench" for c in CAPABILITIES)]
+    assert listed == ["demo", "zo-bench", "zo-scale", *(f"{c}-bench" for c in CAPABILITIES[1:])]
     assert list(cli.COMMANDS) == listed
 
 

