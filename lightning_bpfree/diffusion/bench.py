@@ -8,8 +8,8 @@ conditioning and the UNet weights (a tiny ``UNet2DConditionModel`` built from a 
 - ``checkpoint``: the same, recomputing each UNet call in backward (``torch.utils.checkpoint``).
 
 Each (mode, steps) runs in a fresh interpreter so its peak RSS is its own. The gradients are saved to
-disk and compared by cosine with ``backprop`` at the same step count (backprop's own rows get no cosine:
-it is the reference). Writes ``diffusion-bench.{json,md,png}``.
+disk and compared with ``backprop`` at the same step count, by cosine and by relative L2 error
+(backprop's own rows get neither: it is the reference). Writes ``diffusion-bench.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from lightning_bpfree import benchmarking
 from lightning_bpfree.cli import command_name
 
 NAME = command_name(__name__)
+# the importable name of this module: under ``python -m`` it is ``__main__`` here, which the child
+# interpreter of ``run_in_subprocess`` cannot import
+_MODULE = __spec__.name if __spec__ is not None else __name__
 
 MODES = ("adjoint", "backprop", "checkpoint")
 TARGETS = ("x_T", "conditioning", "weights")
@@ -109,15 +113,38 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
-def run(steps: list[int], batch: int, seed: int, quick: bool, threads: int = 1) -> list[dict[str, Any]]:
-    """All (steps, mode) configurations, each in its own subprocess; rows for the table."""
-    rows = []
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64: the Euler adjoint's gap to backprop, O(1/N) in the steps."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def run(
+    steps: list[int],
+    batch: int,
+    seed: int,
+    quick: bool,
+    threads: int = 1,
+    modes: tuple[str, ...] = MODES,
+    workers: int = 1,
+) -> list[dict[str, Any]]:
+    """All (steps, mode) configurations, each in its own subprocess; rows for the table.
+
+    ``modes`` is a subset of :data:`MODES` that includes ``"backprop"``, the reference of the
+    cosines and relative errors (``cos_<target>``, ``rel_err_<target>`` for ``TARGETS``).
+    ``workers`` subprocesses run at once: each still has its own peak RSS, but their ``seconds``
+    then share the cores, so the benchmark's timings use 1.
+    """
+    if "backprop" not in modes or not set(modes) <= set(MODES):
+        raise ValueError(f"modes must be a subset of {MODES} that includes 'backprop', got {modes!r}")
     with tempfile.TemporaryDirectory() as folder:
-        jobs = [(n, mode) for n in steps for mode in MODES]
-        for num_steps, mode in benchmarking.progress(jobs, desc=NAME):
+        jobs = [(n, mode) for n in steps for mode in MODES if mode in modes]
+
+        def measure(job: tuple[int, str]) -> dict[str, Any]:
+            num_steps, mode = job
             path = str(Path(folder) / f"{mode}-{num_steps}.pt")
             result = benchmarking.run_in_subprocess(
-                f"{__name__}:gradient_run",
+                f"{_MODULE}:gradient_run",
                 mode=mode,
                 num_steps=num_steps,
                 grad_path=path,
@@ -126,38 +153,49 @@ def run(steps: list[int], batch: int, seed: int, quick: bool, threads: int = 1) 
                 quick=quick,
                 threads=threads,
             )
-            rows.append(
-                {
-                    "steps": num_steps,
-                    "mode": mode,
-                    "seconds": result["seconds"],
-                    "peak_rss_mib": benchmarking.mib(result["peak_rss_bytes"]),
-                    "grad_rss_mib": benchmarking.mib(result["grad_rss_bytes"]),
-                    "unet_calls": result["evaluations"],
-                    "parameters": result["parameters"],
-                    "_grad_path": path,
-                }
-            )
+            return {
+                "steps": num_steps,
+                "mode": mode,
+                "seconds": result["seconds"],
+                "peak_rss_mib": benchmarking.mib(result["peak_rss_bytes"]),
+                "grad_rss_mib": benchmarking.mib(result["grad_rss_bytes"]),
+                "unet_calls": result["evaluations"],
+                "parameters": result["parameters"],
+                "_grad_path": path,
+            }
+
+        # threads only wait on the child interpreters, which do the work
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            rows = list(benchmarking.progress(pool.map(measure, jobs), total=len(jobs), desc=NAME))
         for row in rows:
             path = row.pop("_grad_path")
-            for target in TARGETS:
-                row[f"cos_{target}"] = None  # backprop is the reference: no cosine with itself
+            for target in TARGETS:  # backprop is the reference: no comparison with itself
+                row[f"cos_{target}"] = row[f"rel_err_{target}"] = None
             if row["mode"] == "backprop":
                 continue
             reference = torch.load(Path(folder) / f"backprop-{row['steps']}.pt")
             grads = torch.load(path)
             for target in TARGETS:
                 row[f"cos_{target}"] = _cosine(grads[target], reference[target])
+                row[f"rel_err_{target}"] = _relative_error(grads[target], reference[target])
     return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets: adjoint memory growth 10 -> max steps, and where the cosine reaches 0.99."""
+    """The issue's targets: adjoint memory growth fewest -> most steps (and backprop's, when its rows
+    have memory figures), and where the cosine reaches 0.99."""
     adjoint = sorted((r for r in rows if r["mode"] == "adjoint"), key=lambda r: r["steps"])
     first, last = adjoint[0], adjoint[-1]
     reached = {target: next((r["steps"] for r in adjoint if r[f"cos_{target}"] >= 0.99), None) for target in TARGETS}
+    backprop = {r["steps"]: r for r in rows if r["mode"] == "backprop"}
+    extra = {}
+    if first["steps"] in backprop and last["steps"] in backprop:
+        extra["backprop_peak_rss_ratio"] = (
+            backprop[last["steps"]]["peak_rss_mib"] / backprop[first["steps"]]["peak_rss_mib"]
+        )
     return {
         "adjoint_peak_rss_ratio": last["peak_rss_mib"] / first["peak_rss_mib"],
+        **extra,
         "adjoint_grad_rss_mib": {r["steps"]: r["grad_rss_mib"] for r in adjoint},
         "ratio_steps": [first["steps"], last["steps"]],
         "first_steps_with_cosine_0_99": reached,
@@ -167,7 +205,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, (ax_mem, ax_time, ax_cos) = benchmarking.new_figure(ncols=3, width=4.6, height=3.6)
-    for mode in MODES:
+    for mode in (m for m in MODES if any(r["mode"] == m for r in rows)):
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["steps"])
         steps = [r["steps"] for r in mine]
         ax_mem.plot(steps, [r["grad_rss_mib"] for r in mine], marker="o", label=mode)
@@ -193,13 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=benchmarking.positive_int, default=None, help="samples per gradient (default 4, quick 2)"
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="gradient modes to run (default all; backprop, the reference, is always run)",
+    )
     args = parser.parse_args(argv)
     steps = args.steps or ([4, 8] if args.quick else [10, 25, 50, 100])
     batch = args.batch or (2 if args.quick else 4)
     threads = benchmarking.torch_threads(args.threads, default=1)
-    rows = run(sorted(set(steps)), batch, args.seed, args.quick, threads)
+    modes = tuple(m for m in MODES if m in args.modes or m == "backprop")
+    rows = run(sorted(set(steps)), batch, args.seed, args.quick, threads, modes)
     columns = ["steps", "mode", "seconds", "grad_rss_mib", "peak_rss_mib", "unet_calls"]
-    columns += [f"cos_{t}" for t in TARGETS]
+    columns += [f"cos_{t}" for t in TARGETS] + [f"rel_err_{t}" for t in TARGETS]
     summary = summarize(rows)
     config = QUICK_UNET_CONFIG if args.quick else UNET_CONFIG
     figures = {"rows": rows, "summary": summary, "batch": batch, "threads": threads, "unet_config": config}
