@@ -70,6 +70,21 @@ def test_test_accuracy_without_inference_noise_matches_a_noise_free_run_and_rest
         assert not torch.equal(module.net.sample(images), noisy)  # the switch really changes inference
 
 
+def test_train_config_can_evaluate_after_the_last_epoch_only_and_times_cpu_seconds():
+    # the CI-size claim checks (tests/test_claims_noprop.py) train without per-epoch evaluation
+    result = bench.train_config(
+        "noprop-dt", epochs=2, train_limit=64, test_limit=40, batch_size=32, num_blocks=2, hidden=8,
+        channels=[4], lr=1e-3, seed=0, inference_samples=(1, 2), evaluate_every_epoch=False,
+    )  # fmt: skip
+    assert len(result["accuracy"]) == len(result["accuracy_without_inference_noise"]) == 1
+    assert len(result["epoch_seconds"]) == len(result["epoch_cpu_seconds"]) == 2
+    assert all(seconds > 0 for seconds in result["epoch_cpu_seconds"])
+    # accuracies are counts over 40 test images
+    for accuracy in [*result["accuracy"], *result["final_accuracy_by_inference_samples"].values()]:
+        assert 0 <= accuracy <= 1 and abs(40 * accuracy - round(40 * accuracy)) < 1e-4
+    assert sorted(result["final_accuracy_by_inference_samples"]) == [1, 2]
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0

@@ -28,6 +28,9 @@ from lightning_bpfree.cli import command_name
 
 NAME = command_name(__name__)
 GRADIENT_RULES = ("orthogonal", "semi", "true")
+BENCH_SETTINGS = dict(batch_size=128, hidden=64, lr=1e-3, lam=0.5, eta=1.0)
+"""The one setting ``odice-bench`` uses for every rule and dataset (its option defaults); ``docs/odice.md``
+says how it was picked. ``TrainSettings(steps=..., eval_every=..., **BENCH_SETTINGS)`` is a benchmark run."""
 
 
 @dataclass(frozen=True)
@@ -168,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (default steps / 10)")
     parser.add_argument("--transitions", type=positive_int, default=None,
                         help="transitions per collected dataset (default 20000, quick 2000)")  # fmt: skip
-    parser.add_argument("--hidden", type=positive_int, default=64, help="width of the value and policy MLPs")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="transitions per training batch")
-    parser.add_argument("--lr", type=benchmarking.positive_float, default=1e-3, help="Adam learning rate (value and policy)")
-    parser.add_argument("--lam", type=benchmarking.float_in(0.0, 1.0, low_open=True), default=0.5,
+    parser.add_argument("--hidden", type=positive_int, default=BENCH_SETTINGS["hidden"], help="width of the value and policy MLPs")
+    parser.add_argument("--batch-size", type=positive_int, default=BENCH_SETTINGS["batch_size"], help="transitions per training batch")
+    parser.add_argument("--lr", type=benchmarking.positive_float, default=BENCH_SETTINGS["lr"], help="Adam learning rate (value and policy)")
+    parser.add_argument("--lam", type=benchmarking.float_in(0.0, 1.0, low_open=True), default=BENCH_SETTINGS["lam"],
                         help="ODICE lambda in (0, 1] (paper default 0.6; tuned per task)")  # fmt: skip
-    parser.add_argument("--eta", type=benchmarking.nonnegative_float, default=1.0,
+    parser.add_argument("--eta", type=benchmarking.nonnegative_float, default=BENCH_SETTINGS["eta"],
                         help="ODICE eta >= 0 (weight of the projected g_b)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default: <out>/datasets)")
     args = parser.parse_args(argv)
