@@ -154,13 +154,20 @@ def _stop_at_accuracy(task, prompts: torch.Tensor, target: float, every: int):
     return StopAtAccuracy()
 
 
-def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Warm-up then RL on 2-digit addition; rollout rewards per step and held-out accuracies."""
+def addition_task_run(
+    quick: bool, seed: int, objectives: tuple[str, ...] | None = None, **overrides: int | float
+) -> dict[str, Any]:
+    """Warm-up then RL on 2-digit addition; rollout rewards per step and held-out accuracies.
+
+    ``overrides`` replace entries of the run's settings (for example ``rl_steps=30`` for a CI-sized
+    run of the full task); the settings actually used come back under ``"settings"``.
+    """
     import lightning as L
     from torch.utils.data import DataLoader
 
     from lightning_bpfree.bgpo.module import BGPO, MaskedDiffusionSFT
     from lightning_bpfree.bgpo.tasks import AdditionTask
+    from lightning_bpfree.validation import check_options
 
     settings = {
         "num_digits": 1 if quick else 2,
@@ -178,6 +185,8 @@ def addition_task_run(quick: bool, seed: int, objectives: tuple[str, ...] | None
         "rl_lr": 3e-4,
         "held_out_prompts": 200 if quick else 1000,
     }
+    check_options("addition_task_run", overrides, settings)
+    settings.update(overrides)
     objectives = objectives or (("bgpo",) if quick else ("bgpo", "diffu-grpo"))
     show_progress = not quick
     L.seed_everything(seed, verbose=False)
