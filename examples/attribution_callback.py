@@ -1,9 +1,17 @@
 """Watch what a small LM attends to while it learns key-value retrieval: ReAGentCallback in a Lightning run.
 
-Run: ``python examples/attribution_callback.py``. Heatmaps (PNG + HTML) of two fixed prompts are written
-after every validation epoch under ``attribution-callback/reagent/epoch=<e>/``; the callback also logs
-``reagent/soft_ns``, ``reagent/soft_nc`` and ``reagent/probe_steps``.
+Heatmaps (PNG + HTML) of two fixed prompts are written after every validation epoch under
+``<out>/reagent/epoch=<e>/``; the callback also logs ``reagent/soft_ns``, ``reagent/soft_nc`` and
+``reagent/probe_steps``.
+
+    python examples/attribution_callback.py [--out attribution-callback]   # 5 epochs of 6,400 prompts: about 17 s
+    python examples/attribution_callback.py --quick    # 1 epoch of 640 prompts, 4 probes: about 9 s
+
+(Times on one CPU core.)
 """
+
+import argparse
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -35,12 +43,20 @@ class RetrievalLM(L.LightningModule):
 
 
 def main() -> None:
-    train_ids, train_answers, _ = retrieval_batch(6400, torch.Generator().manual_seed(0))
-    val_ids, val_answers, asked = retrieval_batch(512, torch.Generator().manual_seed(1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("attribution-callback"), help="heatmaps: <out>/reagent")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 5, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, epochs and probes, same code path (CI)")
+    args = parser.parse_args()
+    epochs = args.epochs or (1 if args.quick else 5)
+    num_train, num_val, num_probes = (640, 128, 4) if args.quick else (6400, 512, 16)
+
+    train_ids, train_answers, _ = retrieval_batch(num_train, torch.Generator().manual_seed(0))
+    val_ids, val_answers, asked = retrieval_batch(num_val, torch.Generator().manual_seed(1))
     prompts = [val_ids[0], val_ids[1]]
     print("answer-bearing positions of the two prompts:", asked[:2].tolist())
-    callback = ReAGentCallback(prompts, every_n_epochs=1, keep_top_n=2, stopping_top_k=1, num_probes=16)
-    trainer = L.Trainer(max_epochs=5, callbacks=[callback], default_root_dir="attribution-callback",
+    callback = ReAGentCallback(prompts, every_n_epochs=1, keep_top_n=2, stopping_top_k=1, num_probes=num_probes)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[callback], default_root_dir=args.out,
                         accelerator="cpu", logger=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(
         RetrievalLM(),

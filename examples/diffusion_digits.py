@@ -1,14 +1,18 @@
 """AdjointDPM on real images: steer a tiny DDPM trained on scikit-learn's 8x8 digits.
 
-1. Train a small ``UNet2DModel`` as a DDPM on the digits with Lightning (a few minutes on 2 CPU cores).
+1. Train a small ``UNet2DModel`` as a DDPM on the digits with Lightning (most of the run time).
 2. Train a small CNN classifier on the same digits.
 3. (a) ``target="noise"``: optimize ``x_T`` so the samples are classified as ``--noise-class``.
    (b) ``target="weights"``: fine-tune the UNet's up-sampling path so samples from fresh noise raise the
        classifier's log-probability of ``--weights-class``.
 Gradients come from the adjoint ODE through 20 DDIM (Euler) steps. Before/after sample grids are written
-as PNG and the figures as JSON into ``--out``.
+as PNG and the figures as JSON into ``--out``; the time of each phase is printed at the end.
 
-    python examples/diffusion_digits.py --out bpfree-results/diffusion-digits
+    python examples/diffusion_digits.py --out bpfree-results/diffusion-digits   # about 9 min on one CPU core
+    python examples/diffusion_digits.py --quick    # 30 DDPM steps, 5 sampling steps, 5 + 3 adjoint steps: about 23 s
+
+``--unet-cache unet.pt`` saves the trained DDPM and skips its training on the next run (whatever that
+run's ``--ddpm-steps``: do not share one cache between ``--quick`` and full runs).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,16 +144,30 @@ def trainer(max_steps: int, out: Path, progress: bool = True) -> pl.Trainer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bpfree-results") / "diffusion-digits")
-    parser.add_argument("--ddpm-steps", type=int, default=1500, help="DDPM training steps (batch 128)")
-    parser.add_argument("--sampling-steps", type=int, default=20, help="DDIM / Euler steps of the sampler")
+    parser.add_argument("--ddpm-steps", type=int, default=None, help="DDPM steps, batch 128 (1500, quick 30)")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM / Euler sampler steps (20, quick 5)")
     parser.add_argument("--noise-class", type=int, default=3)
     parser.add_argument("--weights-class", type=int, default=7)
-    parser.add_argument("--noise-steps", type=int, default=40, help="optimizer steps on x_T")
-    parser.add_argument("--weights-steps", type=int, default=40, help="optimizer steps on the UNet weights")
+    parser.add_argument("--noise-steps", type=int, default=None, help="optimizer steps on x_T (40, quick 5)")
+    parser.add_argument("--weights-steps", type=int, default=None, help="optimizer steps on UNet weights (40, quick 3)")
     parser.add_argument("--weights-lr", type=float, default=1e-4)
     parser.add_argument("--unet-cache", type=Path, default=None, help="reuse / save the trained DDPM weights")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny step counts, same code path (CI)")
     args = parser.parse_args(argv)
+    quick = {"ddpm_steps": 30, "sampling_steps": 5, "noise_steps": 5, "weights_steps": 3}
+    full = {"ddpm_steps": 1500, "sampling_steps": 20, "noise_steps": 40, "weights_steps": 40}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    classifier_steps = 100 if args.quick else 400
+    seconds: dict[str, tuple[float, float]] = {}  # phase: (wall, CPU of this process)
+    clock = (time.perf_counter(), time.process_time())
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = (time.perf_counter(), time.process_time())
+        seconds[phase], clock = (now[0] - clock[0], now[1] - clock[1]), now
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(args.seed)
 
@@ -173,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.unet_cache is not None:
             torch.save(unet.state_dict(), args.unet_cache)
     unet.eval()
+    lap("ddpm")
 
-    classifier, accuracy = train_classifier(images, labels)
+    classifier, accuracy = train_classifier(images, labels, steps=classifier_steps)
+    lap("classifier")
     print(f"classifier accuracy on 297 held-out digits: {accuracy:.3f}")
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False)
     results: dict[str, float | int] = {"classifier_accuracy": accuracy, "sampling_steps": args.sampling_steps}
@@ -201,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ("samples from x_T", f"x_T optimized towards '{args.noise_class}'"),
         args.out / "noise_before_after.png",
     )
+    lap("noise")
 
     # (b) fine-tune the weights; held-out noise measures generalization to new samples
     held_out = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(12345))
@@ -233,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         ("held-out noise, DDPM", f"after fine-tuning towards '{args.weights_class}'"),
         args.out / "weights_before_after.png",
     )
+    lap("weights")
     (args.out / "diffusion_digits.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+    print("seconds per phase (wall / CPU):", ", ".join(f"{k} {w:.0f} / {c:.0f}" for k, (w, c) in seconds.items()))
     return 0
 
 

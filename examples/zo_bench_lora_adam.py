@@ -1,8 +1,13 @@
 """ZO-Adam on a LoRA model, block-wise, with a sparse perturbation and a first-order head.
 
-Run: ``python examples/zo_bench_lora_adam.py`` (a tiny LLaMA on character tokens; one minute on a CPU).
-Swap ``tiny_causal_lm`` for ``lightning_bpfree.models.load_smollm2()[0]`` to train the real model.
+A tiny LLaMA on character tokens; swap ``tiny_causal_lm`` for ``lightning_bpfree.models.load_smollm2()[0]``
+to train the real model.
+
+    python examples/zo_bench_lora_adam.py            # 60 steps: about 15 s on one CPU core
+    python examples/zo_bench_lora_adam.py --quick    # 12 steps: about 10 s
 """
+
+import argparse
 
 import lightning.pytorch as pl
 import torch
@@ -32,6 +37,11 @@ class CausalLM(pl.LightningModule):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 60, --quick 12)")
+    parser.add_argument("--quick", action="store_true", help="a few seconds at tiny sizes, same code path (CI)")
+    args = parser.parse_args()
+    steps = args.steps or (12 if args.quick else 60)
     torch.set_num_threads(1)
     train_texts, held_out_texts = split_texts(stdlib_docstrings())
     train, held_out = char_blocks(train_texts, 64), char_blocks(held_out_texts, 64)[:32]
@@ -45,7 +55,7 @@ def main() -> None:
         sparsity=GradientSparsity(0.5, resample_every=10),         # half of each tensor left alone
         first_order=FirstOrderPart(head.parameters(), lr=3e-3),    # hybrid ZO/FO
     )  # fmt: skip
-    trainer = pl.Trainer(max_steps=60, accelerator="cpu", callbacks=[zeroth_order], logger=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=[zeroth_order], logger=False,
                          enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(CausalLM(model), DataLoader(train, batch_size=8, shuffle=True))
     after = evaluate(model, held_out, 8)
