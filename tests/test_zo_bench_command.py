@@ -33,17 +33,45 @@ def test_command_writes_table_json_and_plot_with_exact_memory_accounting(tmp_pat
     assert exit_info.value.code == 2 and "argument --only: invalid choice: 'sgd'" in capsys.readouterr().err
 
 
-def test_memory_part_writes_its_own_files_in_the_command_folder(tmp_path, monkeypatch):
+def test_memory_part_repeats_each_configuration_and_reports_the_spread(tmp_path, monkeypatch):
+    """The table plumbing only (fast): peak memory is replaced by made-up numbers whose min / median /
+    max are known; the real peak memory is checked by tests/test_claims_zo.py (slow)."""
+    made_up_mib = {"inference": [1000, 1012], "zo-sgd": [1006, 1004], "zo-adam": [1100, 1100],
+                   "fo-sgd": [1200, 1210], "fo-adamw": [1300, 1290]}  # fmt: skip
+    calls: list[tuple[str, str]] = []
+
     def in_process(target, threads=None, **kwargs):
-        assert target.endswith(":measure_memory") and threads >= 1
-        return {**bench.measure_memory(**kwargs), "peak_rss_bytes": 1 << 30}
+        assert threads >= 1
+        if target.endswith(":measure_time_ratio"):
+            return bench.measure_time_ratio(**kwargs)
+        assert target.endswith(":measure_memory") and kwargs["size"] == "quick" and kwargs["loop"] == "trainer"
+        repeat = sum(mode == kwargs["mode"] for mode, _ in calls)
+        calls.append((kwargs["mode"], kwargs["loop"]))
+        return {**bench.measure_memory(**kwargs), "peak_rss_bytes": made_up_mib[kwargs["mode"]][repeat] * 2**20}
 
     monkeypatch.setattr(bench.benchmarking, "run_in_subprocess", in_process)
+    monkeypatch.setitem(bench.TIME_PLANS, "quick", ("quick", ((1, 8), (2, 8))))
     argv = ["--part", "memory", "--quick", "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--threads", "1"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    # --quick repeats twice, interleaved: every mode once, then every mode again
+    assert [mode for mode, _ in calls] == list(bench.MEMORY_MODES) * 2
     figures = json.loads((tmp_path / f"{bench.NAME}-memory.json").read_text())
-    assert [row["mode"] for row in figures["rows"]] == list(bench.MEMORY_MODES)
-    assert all(row["s/step"] > 0 for row in figures["rows"]) and "ZO-SGD extra memory" in figures["verdict"]
+    rows = {row["mode"]: row for row in figures["rows"]}
+    assert list(rows) == list(bench.MEMORY_MODES) and figures["repeats"] == 2
+    zo, params = rows["zo-sgd"], rows["zo-sgd"]["parameter_bytes"]
+    assert params == 5_388_288 * 4  # the quick OPT config, fp32
+    assert [zo["peak_min"], zo["peak_median"], zo["peak_max"]] == [1004 * 2**20, 1005 * 2**20, 1006 * 2**20]
+    assert zo["extra_pct"] == pytest.approx(100 * (1005 - 1006) * 2**20 / params)  # medians: 1005 - 1006
+    assert zo["extra_pct_range"] == pytest.approx([100 * (1004 - 1012) * 2**20 / params,  # its min - inference's max
+                                                   100 * (1006 - 1000) * 2**20 / params])  # fmt: skip
+    assert rows["fo-adamw"]["x_memory"] == pytest.approx(1295 / 1006)
+    assert all(row["seconds_per_step"] > 0 for row in rows.values())
+    assert [row["tokens"] for row in figures["time_ratio"]["rows"]] == [8, 16]
+    assert all(row["x one forward"] > 1 for row in figures["time_ratio"]["rows"])  # a step does more than a forward
+    report = (tmp_path / f"{bench.NAME}-memory.md").read_text()
+    assert "| 1004 / 1005 / 1006 |" in report and "ZO-SGD extra memory on quick" in figures["verdict"]
+    # 5 % of 20.6 MiB of parameters is far below the 12 MiB spread of the inference runs: no verdict on the target
+    assert "not judged at this size" in figures["verdict"]
     assert (tmp_path / f"{bench.NAME}-memory.png").stat().st_size > 10_000
     assert not (tmp_path / f"{bench.NAME}.json").exists()  # the methods part's files are not touched
 

@@ -9,13 +9,17 @@ also gives the memory a method adds to inference (optimizer state, gradients, ke
 counted from the tensors) and the forwards per step. Writes ``zo-bench.{json,md,png}``.
 
 ``memory`` (formerly ``bpfree zo-memory``): peak memory and time of a ZO step against inference and
-first-order steps. An OPT-style decoder of about 100 M parameters built from a config (random
-weights: memory and time do not depend on the values), batch 8 x 128 tokens. Each configuration
-runs in its own process inside a Lightning Trainer; peak memory is the process's peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA. Targets (issue 2): the extra peak memory of a ZO-SGD
-step over inference is at most 5 % of the parameter bytes, and a ZO-SGD step takes at most 2.4x one
-no-grad forward (``Trainer.validate`` on the same batch, so that Lightning's own memory and time
-cancel out). Writes ``zo-bench-memory.{json,md,png}``.
+first-order steps, on OPT-style decoders built from a config (cheap deterministic weights: memory and
+time do not depend on the values). Every configuration runs ``--repeats`` times (default 3, 2 with
+``--quick``), each run in its own process; the table gives the peak's min / median / max. The full
+run: inference, ZO-SGD, ZO-Adam, FO-SGD and FO-AdamW at 98 M parameters, batch 8 x 128, inside a
+Lightning Trainer (``Trainer.validate`` for inference, so that Lightning's own memory and time cancel
+out); and inference and ZO-SGD at 639 M parameters, batch 1 x 64, in the Trainer and in a plain
+PyTorch loop, where 5 % of the parameter bytes (122 MiB) is far above the spread of the peak. Peak
+memory is the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Then the time
+of a ZO-SGD step against one no-grad forward at several tokens per step, in one process. Targets
+(issue 2): the extra peak memory of a ZO-SGD step over inference is at most 5 % of the parameter
+bytes, and a ZO-SGD step takes at most 2.4x one no-grad forward. Writes ``zo-bench-memory.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -293,14 +297,52 @@ def methods_part(args: argparse.Namespace) -> int:
 # The memory part: ZO step against inference and first-order steps, on a model built from a config.
 
 MODEL_SIZES = {  # OPT-style configs: (hidden, layers, heads, ffn, vocab)
-    "100m": (768, 12, 12, 3072, 16384),
+    "640m": (2048, 12, 16, 8192, 16384),  # 639 M parameters, 2437 MiB in fp32
+    "300m": (1536, 10, 12, 6144, 16384),  # 309 M, 1180 MiB: the size the memory claim's slow test affords
+    "100m": (768, 12, 12, 3072, 16384),  # 98 M, 374 MiB
     "quick": (256, 4, 4, 1024, 8192),
 }
-MEMORY_MODES = ("inference", "zo-sgd", "fo-sgd", "fo-adamw")
+MEMORY_MODES = ("inference", "zo-sgd", "zo-adam", "fo-sgd", "fo-adamw")
+LOOPS = ("trainer", "raw")
 
 
-def opt_model(size: str) -> torch.nn.Module:
-    """A randomly initialised OPT-style causal LM of ``size`` (a key of :data:`MODEL_SIZES`)."""
+@dataclass(frozen=True)
+class MemoryBlock:
+    """Configurations of the memory part that share a model: every ``mode`` x ``loop`` on ``size``,
+    batch ``batch_size`` x ``seq_len`` tokens, ``steps`` timed steps after one warm-up (``--steps``
+    overrides it). ``loop="trainer"``: inside a Lightning ``Trainer`` (``validate`` for inference,
+    ``fit`` for the steps); ``"raw"``: the same steps in a plain PyTorch loop."""
+
+    size: str
+    modes: tuple[str, ...]
+    loops: tuple[str, ...]
+    batch_size: int
+    seq_len: int
+    steps: int = 3
+
+
+# The full run: every mode at 100 M parameters and 8 x 128 tokens (activations matter, the time
+# ratio is measured there), and the memory target at 640 M parameters and 1 x 64 tokens, where 5 % of
+# the parameter bytes (122 MiB) is well above the run-to-run spread of the peak RSS.
+MEMORY_PLANS = {
+    "full": (
+        MemoryBlock("100m", MEMORY_MODES, ("trainer",), 8, 128),
+        MemoryBlock("640m", ("inference", "zo-sgd"), LOOPS, 1, 64, steps=1),
+    ),
+    "quick": (MemoryBlock("quick", MEMORY_MODES, ("trainer",), 8, 128),),
+}
+# Time ratio of a ZO-SGD step to one no-grad forward, against the tokens per step: (size, [(batch, seq_len)]).
+TIME_PLANS = {"full": ("100m", ((1, 64), (8, 128), (8, 512))), "quick": ("quick", ((1, 64), (8, 256)))}
+
+
+def opt_model(size: str, seed: int = 0) -> torch.nn.Module:
+    """An OPT-style causal LM of ``size`` (a key of :data:`MODEL_SIZES`), fp32, with cheap deterministic weights.
+
+    Built on the meta device and then filled, because the default random init of a 640 M-parameter
+    model takes minutes on a CPU: every matrix is a tiling of one seeded block of 2^20 gaussians
+    (std 0.02, rolled by the parameter's position), LayerNorm weights are 1 and biases 0. Memory
+    and time do not depend on the values (there are no NaNs or denormals).
+    """
     from transformers import OPTConfig, OPTForCausalLM
 
     hidden, layers, heads, ffn, vocab = MODEL_SIZES[size]
@@ -308,7 +350,21 @@ def opt_model(size: str) -> torch.nn.Module:
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
         word_embed_proj_dim=hidden, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
     )  # fmt: skip
-    return OPTForCausalLM(config)
+    with torch.device("meta"):
+        model = OPTForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives the tied head a tensor of its own
+    block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed)) * 0.02
+    with torch.no_grad():
+        for position, (name, parameter) in enumerate(model.named_parameters()):
+            if parameter.dim() < 2:
+                parameter.fill_(1.0 if name.endswith("layer_norm.weight") else 0.0)
+                continue
+            flat, tile = parameter.view(-1), block.roll(position * 7919)
+            for start in range(0, flat.numel(), tile.numel()):
+                piece = flat[start : start + tile.numel()]
+                piece.copy_(tile[: piece.numel()])
+    return model
 
 
 class StepRecorder(pl.Callback):
@@ -336,93 +392,267 @@ class StepRecorder(pl.Callback):
         self.losses.append(float(loss) if loss is not None else float("nan"))
 
 
-def measure_memory(
-    mode: str, size: str, batch_size: int, seq_len: int, steps: int, device: str = "cpu"
-) -> dict[str, Any]:
-    """One row of the memory table: builds the model, runs ``steps`` timed steps of ``mode`` after one
-    warm-up; returns the median ``seconds_per_step`` and the ``parameter_bytes``."""
+def _trainer_steps(model: torch.nn.Module, mode: str, batch: torch.Tensor, steps: int, device: str) -> list[float]:
+    """Seconds of each of ``steps + 1`` steps of ``mode`` inside a Lightning Trainer (the first is the warm-up)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_bpfree.zo.callback import ZerothOrder
     from lightning_bpfree.zo.module import CausalLMModule
 
-    torch.manual_seed(0)
-    model = opt_model(size).to(device)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    batch = torch.randint(4, model.config.vocab_size, (batch_size, seq_len), device=device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    # Every mode runs inside a Lightning Trainer, so that the harness's own memory cancels out.
-    module = CausalLMModule(model, lr=1e-5)
+    module = CausalLMModule(model, lr=1e-5)  # configure_optimizers: AdamW (the fo-adamw mode)
     if mode == "fo-sgd":
         module.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=1e-3)
     recorder = StepRecorder()
     callbacks: list = [recorder]
-    if mode == "zo-sgd":
-        callbacks.append(ZerothOrder("zo-sgd", lr=1e-6, eps=1e-3, exact_restore=False))
+    if mode.startswith("zo-"):  # no copy of the weights for exact restores: MeZO's arithmetic restore
+        callbacks.append(ZerothOrder(mode, lr=1e-6, eps=1e-3, exact_restore=False))
     trainer = pl.Trainer(
         max_steps=steps + 1, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
     )  # fmt: skip
-    loader = DataLoader(TensorDataset(batch.cpu().repeat(steps + 1, 1)), batch_size=batch_size)
+    loader = DataLoader(TensorDataset(batch.cpu().repeat(steps + 1, 1)), batch_size=batch.shape[0])
     if mode == "inference":  # no-grad forwards with the loss, through Trainer.validate
         trainer.validate(module, loader, verbose=False)
-        times = sorted(recorder.validation_seconds[1:])
-    else:
-        trainer.fit(module, loader)
-        times = sorted(recorder.seconds[1:])
-    seconds = times[len(times) // 2]
-    return {"seconds_per_step": seconds, "parameter_bytes": parameter_bytes, "time": time.time()}
+        return recorder.validation_seconds
+    trainer.fit(module, loader)
+    return recorder.seconds
+
+
+def _raw_steps(model: torch.nn.Module, mode: str, batch: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of ``steps + 1`` steps of ``mode`` in a plain PyTorch loop (the first is the warm-up)."""
+    from lightning_bpfree.zo import make_optimizer
+
+    model.eval()  # as the callback's forwards (dropout off)
+    optimizer: torch.optim.Optimizer | None = None
+    if mode == "fo-sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    elif mode == "fo-adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    elif mode != "inference":
+        optimizer = make_optimizer(mode, model.parameters(), lr=1e-6, eps=1e-3, exact_restore=False)
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=batch, labels=batch).loss
+
+    seconds = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        if optimizer is None:
+            with torch.no_grad():
+                loss()
+        elif mode.startswith("fo-"):
+            loss().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        else:
+            optimizer.step(loss)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_memory(
+    mode: str, size: str, batch_size: int, seq_len: int, steps: int, device: str = "cpu", loop: str = "trainer"
+) -> dict[str, Any]:
+    """One configuration of the memory table; run it in its own process (its peak memory is the row's).
+
+    Builds the model of ``size``, runs one warm-up step and ``steps`` timed steps of ``mode`` (a
+    key of :data:`MEMORY_MODES`) on a batch ``[batch_size, seq_len]``, in a ``loop`` of
+    :data:`LOOPS`. Returns ``seconds_per_step`` (median of the timed steps; the warm-up step's
+    time when ``steps`` is 0) and ``parameter_bytes``.
+    """
+    if mode not in MEMORY_MODES or loop not in LOOPS or size not in MODEL_SIZES:
+        raise ValueError(f"mode, loop and size must be in {MEMORY_MODES}, {LOOPS}, {tuple(MODEL_SIZES)}")
+    torch.manual_seed(0)
+    model = opt_model(size).to(device)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(4, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if loop == "raw":
+        seconds = _raw_steps(model, mode, batch, steps)
+    else:  # inside a Lightning Trainer, so that the harness's own memory cancels out between modes
+        seconds = _trainer_steps(model, mode, batch, steps, device)
+    return {"seconds_per_step": statistics.median(seconds[1:] or seconds), "parameter_bytes": parameter_bytes}
+
+
+def measure_time_ratio(size: str, shapes: list[list[int]], repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Seconds of a ZO-SGD step against one no-grad forward for each batch shape ``(batch, seq_len)``.
+
+    A plain loop in one process: for each shape, one warm-up of each, then ``repeats`` rounds of
+    (forward, ZO-SGD step, one pass of the noise over the parameters), interleaved so that other
+    load on the machine hits all three alike. Each row: the median seconds of each, ``x one forward``
+    (the median over rounds of the round's step time over its forward time) and ``ratio spread``
+    (the lowest and highest of those per-round ratios). A ZO-SGD step is two forwards and three passes
+    of regenerated noise, so the ratio is about ``2 + 3 noise / forward``.
+    """
+    from lightning_bpfree.zo import ZOSGD
+
+    model = opt_model(size).to(device).eval()
+    optimizer = ZOSGD(model.parameters(), lr=1e-9, eps=1e-3, exact_restore=False)  # lr: the weights barely move
+    generator = torch.Generator().manual_seed(0)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def noise_pass() -> None:  # +z then -z: two passes, timed together and halved below
+        optimizer.perturb_(12345, +1.0)
+        optimizer.perturb_(12345, -1.0)
+
+    rows = []
+    for batch_size, seq_len in shapes:
+        batch = torch.randint(4, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+
+        def forward(batch: torch.Tensor = batch) -> None:
+            with torch.no_grad():
+                model(input_ids=batch, labels=batch)
+
+        def step(batch: torch.Tensor = batch) -> None:
+            optimizer.step(lambda: model(input_ids=batch, labels=batch).loss)
+
+        figures: dict[str, list[float]] = {"forward": [], "step": [], "noise": []}
+        for round_number in range(repeats + 1):  # round 0 warms up
+            times = {"forward": timed(forward), "step": timed(step), "noise": timed(noise_pass) / 2}
+            if round_number:
+                for name, value in times.items():
+                    figures[name].append(value)
+        forward_s, step_s, noise_s = (statistics.median(figures[name]) for name in ("forward", "step", "noise"))
+        # each round's step over the forward just before it: the pairs closest in time, so the least moved
+        # by load that comes and goes on the machine
+        ratios = [s / f for s, f in zip(figures["step"], figures["forward"])]
+        rows.append({"batch": f"{batch_size} x {seq_len}", "tokens": batch_size * seq_len, "forward s": forward_s,
+                     "zo-sgd step s": step_s, "noise pass s": noise_s, "x one forward": statistics.median(ratios),
+                     "ratio spread": [min(ratios), max(ratios)]})  # fmt: skip
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"size": size, "parameters": parameters, "repeats": repeats, "rows": rows}
+
+
+def measure_configurations(
+    configurations: list[dict[str, Any]], repeats: int, threads: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Run every configuration (keyword arguments of :func:`measure_memory`) ``repeats`` times, each in
+    its own process, and summarise each: peak memory min / median / max (bytes), the median seconds
+    per step, the parameter bytes. The repeats are interleaved (all configurations once, then again),
+    so that a slow drift of the machine touches every configuration alike."""
+    memory_key = "cuda_max_allocated_bytes" if device == "cuda" else "peak_rss_bytes"
+    runs: list[list[dict[str, Any]]] = [[] for _ in configurations]
+    for repeat in range(repeats):
+        for runs_of, config in zip(runs, configurations):
+            print(f"measuring {config} (run {repeat + 1} of {repeats}) in a subprocess ...", flush=True)
+            runs_of.append(benchmarking.run_in_subprocess(f"{__name__}:measure_memory", threads=threads,
+                                                          device=device, **config))  # fmt: skip
+    rows = []
+    for config, runs_of in zip(configurations, runs):
+        peaks = [run[memory_key] for run in runs_of]
+        seconds = statistics.median(r["seconds_per_step"] for r in runs_of)
+        rows.append({**config, "peaks": peaks, "peak_min": min(peaks), "peak_median": statistics.median(peaks),
+                     "peak_max": max(peaks), "seconds_per_step": seconds,
+                     "parameter_bytes": runs_of[0]["parameter_bytes"]})  # fmt: skip
+    return rows
+
+
+def compare_with_inference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add to each row of :func:`measure_configurations` its extra peak memory over the inference row of
+    the same size and loop, in % of the parameter bytes: ``extra_pct`` from the medians and
+    ``extra_pct_range`` (lowest: its min minus inference's max; highest: its max minus inference's min),
+    and ``x_memory`` / ``x_time`` against that row (medians)."""
+    base = {(r["size"], r["loop"]): r for r in rows if r["mode"] == "inference"}
+    for row in rows:
+        ref = base[(row["size"], row["loop"])]
+        scale = 100 / row["parameter_bytes"]
+        row["extra_pct"] = (row["peak_median"] - ref["peak_median"]) * scale
+        row["extra_pct_range"] = [(row["peak_min"] - ref["peak_max"]) * scale,
+                                  (row["peak_max"] - ref["peak_min"]) * scale]  # fmt: skip
+        row["x_memory"] = row["peak_median"] / ref["peak_median"]
+        row["x_time"] = row["seconds_per_step"] / ref["seconds_per_step"]
+    return rows
 
 
 def plot_memory(rows: list[dict[str, Any]], title: str, path) -> None:
     fig, (ax_mem, ax_time) = benchmarking.new_figure(ncols=2, width=5)
-    names = [row["mode"] for row in rows]
-    colors = ["grey", "tab:green", "tab:orange", "tab:red"]
-    ax_mem.bar(names, [row["peak (MiB)"] for row in rows], color=colors)
-    ax_mem.set_ylabel("peak memory (MiB)")
-    ax_time.bar(names, [row["x one forward (time)"] for row in rows], color=colors)
+    colors = {"inference": "grey", "zo-sgd": "tab:green", "zo-adam": "tab:olive", "fo-sgd": "tab:orange",
+              "fo-adamw": "tab:red"}  # fmt: skip
+    names = [f"{r['mode']}\n{r['size']} {r['loop']}" for r in rows]
+    medians = [benchmarking.mib(r["peak_median"]) for r in rows]
+    spread = [[m - benchmarking.mib(r["peak_min"]) for m, r in zip(medians, rows)],
+              [benchmarking.mib(r["peak_max"]) - m for m, r in zip(medians, rows)]]  # fmt: skip
+    ax_mem.bar(names, medians, yerr=spread, color=[colors[r["mode"]] for r in rows])
+    ax_mem.set_ylabel("peak memory (MiB; bar: median, whisker: min-max)")
+    ax_time.bar(names, [r["x_time"] for r in rows], color=[colors[r["mode"]] for r in rows])
     ax_time.axhline(2.4, ls="--", color="k", lw=1)
     ax_time.set_ylabel("seconds per step / one no-grad forward")
+    for axis in (ax_mem, ax_time):
+        axis.tick_params(axis="x", labelsize=6, rotation=90)
     ax_mem.set_title(title)
     benchmarking.save_figure(fig, path)
 
 
 def memory_part(args: argparse.Namespace) -> int:
-    """The ``memory`` part: one subprocess per mode of :data:`MEMORY_MODES`."""
-    size = "quick" if args.quick else "100m"
-    batch_size, seq_len, steps = args.batch_size or 8, args.seq_len or 128, args.steps or 3
+    """The ``memory`` part: each configuration of :data:`MEMORY_PLANS` in its own subprocess,
+    ``--repeats`` times, then the time ratio against the tokens per step (:data:`TIME_PLANS`)."""
+    plan = "quick" if args.quick else "full"
+    repeats = args.repeats or (2 if args.quick else 3)
     threads = benchmarking.torch_threads(args.threads)
-    memory_key = "cuda_max_allocated_bytes" if args.device == "cuda" else "peak_rss_bytes"
-    rows = []
-    for mode in MEMORY_MODES:
-        print(f"measuring {mode} in a subprocess ...", flush=True)
-        result = benchmarking.run_in_subprocess(
-            f"{__name__}:measure_memory", threads=threads, mode=mode, size=size, batch_size=batch_size,
-            seq_len=seq_len, steps=steps, device=args.device,
-        )  # fmt: skip
-        rows.append({"mode": mode, "peak (MiB)": benchmarking.mib(result[memory_key]), "s/step": result["seconds_per_step"],
-                     "parameter_bytes": result["parameter_bytes"]})  # fmt: skip
-    parameter_mib = benchmarking.mib(rows[0]["parameter_bytes"])
-    base = rows[0]
-    for row in rows:
-        row["extra over inference (% of params)"] = 100 * (row["peak (MiB)"] - base["peak (MiB)"]) / parameter_mib
-        row["x inference memory"] = row["peak (MiB)"] / base["peak (MiB)"]
-        row["x one forward (time)"] = row["s/step"] / base["s/step"]
-    columns = ["mode", "peak (MiB)", "extra over inference (% of params)", "x inference memory", "s/step",
-               "x one forward (time)"]  # fmt: skip
-    zo = rows[1]
+    configurations = [
+        {"mode": mode, "size": block.size, "loop": loop, "batch_size": args.batch_size or block.batch_size,
+         "seq_len": args.seq_len or block.seq_len, "steps": args.steps or block.steps}
+        for block in MEMORY_PLANS[plan] for loop in block.loops for mode in block.modes
+    ]  # fmt: skip
+    rows = compare_with_inference(measure_configurations(configurations, repeats, threads, args.device))
+    time_size, shapes = TIME_PLANS[plan]
+    print(f"measuring the time ratio on {time_size} in a subprocess ...", flush=True)
+    timing = benchmarking.run_in_subprocess(f"{__name__}:measure_time_ratio", threads=threads, size=time_size,
+                                            shapes=[list(s) for s in shapes], repeats=repeats,
+                                            device=args.device)  # fmt: skip
+    mib = benchmarking.mib
+    table = [
+        {"size": f"{r['size']} ({r['parameter_bytes'] / 4e6:.0f} M)", "batch": f"{r['batch_size']} x {r['seq_len']}",
+         "loop": r["loop"], "mode": r["mode"],
+         "peak MiB min / median / max": " / ".join(f"{mib(r[k]):.0f}" for k in ("peak_min", "peak_median", "peak_max")),
+         "extra over inference (% of params)": r["extra_pct"],
+         "extra range (%)": f"{r['extra_pct_range'][0]:.1f} .. {r['extra_pct_range'][1]:.1f}",
+         "x inference memory": r["x_memory"], "s/step": r["seconds_per_step"], "x one forward (time)": r["x_time"]}
+        for r in rows
+    ]  # fmt: skip
+    time_table = [{k: v for k, v in row.items() if k != "ratio spread"} |
+                  {"ratio min .. max": f"{row['ratio spread'][0]:.2f} .. {row['ratio spread'][1]:.2f}"}
+                  for row in timing["rows"]]  # fmt: skip
+    # the verdicts read the largest model's ZO-SGD step in the Trainer and the time at the bench's batch
+    zo = max((r for r in rows if r["mode"] == "zo-sgd" and r["loop"] == "trainer"), key=lambda r: r["parameter_bytes"])
+    zo_time = next(r for r in rows if r["mode"] == "zo-sgd" and r["loop"] == "trainer")
+    # The target is judged only where 5 % of the parameters is well above the spread of the runs (at
+    # least 3x the larger spread of the two rows, and 3x 10 MiB, the least spread seen on CPU)
+    inference = next(r for r in rows if r["mode"] == "inference" and (r["size"], r["loop"]) == (zo["size"], zo["loop"]))
+    spread = max(r["peak_max"] - r["peak_min"] for r in (zo, inference))
+    five_percent = 0.05 * zo["parameter_bytes"]
+    if args.device == "cpu" and five_percent < 3 * max(spread, 10 * 2**20):
+        memory_verdict = (f"not judged at this size (5% of the parameters is {benchmarking.mib(five_percent):.1f} "
+                          f"MiB, the runs spread by {benchmarking.mib(spread):.1f} MiB; the full run measures it "
+                          "at 639 M)")  # fmt: skip
+    else:
+        memory_verdict = ("met" if zo["extra_pct_range"][1] <= 5 else
+                          "met by the median" if zo["extra_pct"] <= 5 else "NOT met")  # fmt: skip
     verdict = (
-        f"ZO-SGD extra memory {zo['extra over inference (% of params)']:.1f}% of parameter bytes (target <= 5%): "
-        f"{'met' if zo['extra over inference (% of params)'] <= 5 else 'NOT met'}; "
-        f"ZO-SGD step {zo['x one forward (time)']:.2f}x one forward (target <= 2.4x): "
-        f"{'met' if zo['x one forward (time)'] <= 2.4 else 'NOT met'}"
+        f"ZO-SGD extra memory on {zo['size']}: {zo['extra_pct']:.1f}% of parameter bytes (median; range "
+        f"{zo['extra_pct_range'][0]:.1f} .. {zo['extra_pct_range'][1]:.1f}%; target <= 5%): {memory_verdict}; "
+        f"ZO-SGD step on {zo_time['size']}: {zo_time['x_time']:.2f}x one forward (target <= 2.4x): "
+        f"{'met' if zo_time['x_time'] <= 2.4 else 'NOT met'}"
     )
-    header = (f"OPT-style model, {parameter_mib:.0f} MiB of fp32 parameters ({rows[0]['parameter_bytes'] / 4e6:.0f} M), "
-              f"batch {batch_size} x {seq_len}, device {args.device}, {threads} threads")  # fmt: skip
-    report = f"{header}\n\n{benchmarking.format_table(rows, columns)}\n\n{verdict}"
-    figures = {"header": header, "rows": rows, "verdict": verdict}
-    benchmarking.finish(args.out, f"{NAME}-memory", figures, report, lambda path: plot_memory(rows, header.split(",")[0], path))
+    header = (f"OPT-style models (fp32, cheap deterministic weights), {repeats} runs of each configuration, each in "
+              f"its own process; device {args.device}, {threads} threads; timed steps after 1 warm-up: "
+              f"{', '.join(f'{b.size} {args.steps or b.steps}' for b in MEMORY_PLANS[plan])}")  # fmt: skip
+    time_header = (f"ZO-SGD step against one no-grad forward on {time_size} ({timing['parameters'] / 1e6:.0f} M), "
+                   f"raw loop, one process, medians of {repeats} interleaved rounds")  # fmt: skip
+    report = "\n\n".join([header, benchmarking.format_table(table), verdict, time_header,
+                          benchmarking.format_table(time_table)])  # fmt: skip
+    figures = {"header": header, "repeats": repeats, "rows": rows, "verdict": verdict, "time_ratio": timing}
+    benchmarking.finish(args.out, f"{NAME}-memory", figures, report, lambda path: plot_memory(rows, "OPT-style", path))
     return 0
 
 
@@ -434,9 +664,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods part: default smollm2 (tiny with --quick)")  # fmt: skip
     positive_int = benchmarking.positive_int
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="training steps per configuration (methods) / timed steps after 1 warm-up (memory, default 3)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="default 8 (4 for smollm2 in the methods part)")
-    parser.add_argument("--seq-len", type=positive_int, default=None, help="default 64 (methods) / 128 (memory)")
+                        help="training steps per configuration (methods) / "
+                             "timed steps after 1 warm-up (memory: 3, 1 at 639 M)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="memory part: runs of each configuration, each in its own process "
+                             "(default 3, 2 with --quick)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="default 8 (methods: 4 for smollm2; memory: 8, 1 at 639 M)")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="default 64 (methods) / 128, 64 at 639 M (memory)")
     parser.add_argument("--eval-blocks", type=positive_int, default=32, help="methods part: held-out blocks evaluated")
     parser.add_argument("--only", nargs="*", default=None, choices=[label(r) for r in configurations()], metavar="ROW",
                         help="methods part: run only these rows (labels as in the table, e.g. zo-sgd 'zo-sgd lora')")
