@@ -75,7 +75,7 @@ def check_attribution_callback(out: str, folder: Path) -> None:
         path = folder.parent / png  # printed relative to the working directory, folder's parent
         assert is_png(path) and path.resolve().is_relative_to(folder.resolve())
     (soft_ns,) = floats(rf"'reagent/soft_ns': {NUMBER}", out)
-    assert 0.0 <= soft_ns <= 1.0  # measured 0.72
+    assert 0.0 <= soft_ns <= 1.0  # measured 0.568 (seeded, 2 quick epochs)
 
 
 def check_attribution_reagent(out: str, folder: Path) -> None:
