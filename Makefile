@@ -36,12 +36,14 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# The CI-sized run of every benchmark that has no slow test of its own.
+# The CI-sized run of every benchmark that has no slow test of its own, then the assertions the docs make
+# about these quick results (benchmarks/check_quick.py, listed on docs/claims.md).
 bench-quick: venv
 	$(VENV)/bin/bpfree zo-bench --quick --part memory --out bpfree-results/quick/zo-bench
 	$(VENV)/bin/bpfree zo-bench --quick --out bpfree-results/quick/zo-bench
 	$(VENV)/bin/bpfree fp4-bench --quick --out bpfree-results/quick/fp4-bench
 	$(VENV)/bin/bpfree odice-bench --quick --out bpfree-results/quick/odice-bench
+	$(PY) benchmarks/check_quick.py bpfree-results/quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_bpfree tests examples benchmarks scripts

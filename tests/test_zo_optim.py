@@ -265,3 +265,36 @@ def test_weight_decay_groups_single_group_when_nothing_is_exempt_and_bad_no_deca
     for bad in ("bias", 0, ["bias"]):
         with pytest.raises(TypeError, match="no_decay"):
             weight_decay_groups(model, 0.1, bad)
+
+
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_one_sided_zosgd_equals_its_formula_written_out(num_queries):
+    """``one_sided=True``: g_q = (L(theta + eps z_q) - L(theta)) / eps, theta -= lr * g_q / Q * z_q, query by query."""
+    model, x, y = tiny_regression()
+    reference, _, _ = tiny_regression()
+    lr, eps = 0.05, 1e-3
+    opt = ZOSGD(model.parameters(), lr=lr, eps=eps, seed=7, one_sided=True, num_queries=num_queries)
+    noise = SeededNoise()
+
+    def loss_of(net):
+        return ((net(x) - y) ** 2).mean()
+
+    for step in range(3):
+        opt.step(lambda: loss_of(model))
+        with torch.no_grad():
+            theta = snapshot(reference)
+            loss_at_theta = loss_of(reference).item()
+            projected = []
+            for query in range(num_queries):
+                zs = [noise.noise_like(p, mix_seed(7, step, query), i) for i, p in enumerate(reference.parameters())]
+                for p, t, z in zip(reference.parameters(), theta, zs):
+                    p.copy_(torch.add(t, z, alpha=eps))
+                projected.append(((loss_of(reference).item() - loss_at_theta) / eps, zs))
+                for p, t in zip(reference.parameters(), theta):
+                    p.copy_(t)
+            for g, zs in projected:
+                for p, z in zip(reference.parameters(), zs):
+                    p.add_(z, alpha=-lr * g / num_queries)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert not torch.equal(model[0].weight, tiny_regression()[0][0].weight)  # it moved
