@@ -41,7 +41,7 @@ from lightning_bpfree.validation import (
 from lightning_bpfree.zo.blocks import ParameterBlocks
 from lightning_bpfree.zo.distributed import is_sharded, local_tensor
 from lightning_bpfree.zo.parts import ZOPart
-from lightning_bpfree.zo.perturbation import SeededNoise, chunk_of, mix_seed
+from lightning_bpfree.zo.perturbation import NoiseBucket, SeededNoise, chunk_of, mix_seed
 
 # Keeping a copy of the trainable parameters makes restores bitwise exact; up to this many bytes of
 # trainable parameters (LoRA, prefix, head-only) the copy is kept by default.
@@ -319,6 +319,7 @@ class ZOOptimizer(Optimizer):
 
     # ---------------------------------------------------------------------------- perturbation
     def _save_backup(self) -> None:
+        buffers, sources = [], []
         for _, params, indices in self._indexed_params():
             for p, i in zip(params, indices):
                 local = local_tensor(p)  # the local shard of a sharded parameter
@@ -326,7 +327,10 @@ class ZOOptimizer(Optimizer):
                 if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
                     self._backup[i] = local.clone()
                 else:
-                    buffer.copy_(local)
+                    buffers.append(buffer)
+                    sources.append(local)
+        if buffers:  # one call, not one copy per tensor (kernel launches on accelerators)
+            torch._foreach_copy_(buffers, sources)
 
     def _keep_copy(self) -> bool:
         """Save the copy of theta when exact restores are on; returns whether they are."""
@@ -335,8 +339,31 @@ class ZOOptimizer(Optimizer):
             self._save_backup()
         return use_backup
 
+    def for_each_bucket(self, seed: int, fn: Callable[[dict, NoiseBucket], None]) -> None:
+        """Call ``fn(group, bucket)`` on every :class:`~lightning_bpfree.zo.perturbation.NoiseBucket` of the
+        trainable parameters (chunks grouped for ``torch._foreach_*`` ops). Only without masks
+        (sparsity): the noise is not masked here, see :meth:`bucketed`."""
+        for group, params, indices in self._indexed_params():
+            if params:
+                self.noise.for_each_bucket(params, seed, lambda bucket, g=group: fn(g, bucket), param_indices=indices)
+
+    def bucketed(self) -> bool:
+        """Whether the noise passes go bucket by bucket (one ``torch._foreach_*`` call per bucket of chunks)
+        rather than chunk by chunk: always, unless a part masks the noise of each chunk (sparsity)."""
+        return not self._maskers
+
     def _add_noise(self, seed: int, alpha: Callable[[dict], float], from_backup: bool = False) -> None:
         """``theta <- theta + alpha(group) * z`` (``theta_0 + ...`` from the kept copy when ``from_backup``)."""
+        if self.bucketed():
+
+            def apply_bucket(group: dict, bucket: NoiseBucket) -> None:
+                if from_backup:
+                    chunks = zip(bucket.indices, bucket.starts, bucket.values)
+                    torch._foreach_copy_(bucket.values, [chunk_of(self._backup[i], s, v) for i, s, v in chunks])
+                torch._foreach_add_(bucket.values, bucket.noise, alpha=alpha(group))
+
+            self.for_each_bucket(seed, apply_bucket)
+            return
 
         def apply(group: dict, index: int, start: int, values: torch.Tensor, z: torch.Tensor) -> None:
             if from_backup:
@@ -352,9 +379,9 @@ class ZOOptimizer(Optimizer):
     def restore_(self, seed: int, current_scale_in_eps: float, use_backup: bool) -> None:
         """Undo a perturbation of ``current_scale_in_eps * eps * z``."""
         if use_backup:
-            for _, params, indices in self._indexed_params():
-                for p, i in zip(params, indices):
-                    local_tensor(p).copy_(self._backup[i])
+            pairs = [(local_tensor(p), self._backup[i]) for _, ps, ix in self._indexed_params() for p, i in zip(ps, ix)]
+            if pairs:  # one call, not one copy per tensor
+                torch._foreach_copy_([local for local, _ in pairs], [backup for _, backup in pairs])
         else:
             self.perturb_(seed, -current_scale_in_eps)
 
@@ -408,8 +435,28 @@ class ZOOptimizer(Optimizer):
         ``coeff`` is the query's projected gradient divided by the number of queries; ``query`` its
         position. Weight decay is applied by the base before the first query's rule. Subclasses with
         other rules (momentum, Adam, sign) override this; their state is indexed by ``(index, start)``.
+        Overriding :meth:`update_bucket` as well lets the update go one bucket of chunks at a time.
         """
         values.add_(z, alpha=-group["lr"] * coeff)
+
+    def update_bucket(self, group: dict, bucket: NoiseBucket, coeff: float, query: int) -> None:
+        """:meth:`update_chunk` on every chunk of ``bucket`` at once (``torch._foreach_*`` ops).
+
+        The base rule (ZO-SGD) has one; a subclass that overrides ``update_chunk`` without overriding
+        this is updated chunk by chunk (see :meth:`_updates_by_bucket`).
+        """
+        torch._foreach_add_(bucket.values, bucket.noise, alpha=-group["lr"] * coeff)
+
+    def _updates_by_bucket(self) -> bool:
+        """Whether ``update`` can go bucket by bucket: no mask, queries not combined, and an ``update_bucket``
+        defined by the class that defines ``update_chunk`` or by a subclass of it (so that a subclass
+        changing only ``update_chunk`` is never updated by an inherited bucket rule)."""
+
+        def owner(name: str) -> type:
+            return next(klass for klass in type(self).__mro__ if name in klass.__dict__)
+
+        same_rule = issubclass(owner("update_bucket"), owner("update_chunk"))
+        return self.bucketed() and not self.combine_queries and same_rule
 
     def _update_chunk(
         self, group: dict, index: int, start: int, values: torch.Tensor, z: torch.Tensor, coeff: float, query: int,
@@ -440,8 +487,21 @@ class ZOOptimizer(Optimizer):
 
                 self.noise.for_each_chunk_combined(params, estimate.seeds, coeffs, combined_apply, param_indices=indices)
             return
+        by_bucket = self._updates_by_bucket()
         for query, (seed, coeff) in enumerate(zip(estimate.seeds, coeffs)):
             undo = pending if query == count - 1 else 0.0
+            if by_bucket:
+
+                def apply_bucket(group: dict, bucket: NoiseBucket, q=query, c=coeff, undo=undo) -> None:
+                    # the same ops in the same order as _update_chunk, each over the whole bucket
+                    if undo:
+                        torch._foreach_add_(bucket.values, bucket.noise, alpha=-undo * group["eps"])
+                    if q == 0 and group["weight_decay"]:
+                        torch._foreach_mul_(bucket.values, 1.0 - group["lr"] * group["weight_decay"])
+                    self.update_bucket(group, bucket, c, q)
+
+                self.for_each_bucket(seed, apply_bucket)
+                continue
 
             def apply(group, index, start, values, z, q=query, c=coeff, undo=undo) -> None:
                 self._update_chunk(group, index, start, values, z, c, q, undo, z)
@@ -607,6 +667,11 @@ class ZOSGDSign(ZOOptimizer):
         direction = torch.sign(z) if self.sign_mode == "elementwise" else z
         sign = (coeff > 0) - (coeff < 0)
         values.add_(direction, alpha=-group["lr"] * sign / self._update_queries)
+
+    def update_bucket(self, group, bucket, coeff, query) -> None:
+        direction = torch._foreach_sign(bucket.noise) if self.sign_mode == "elementwise" else bucket.noise
+        sign = (coeff > 0) - (coeff < 0)
+        torch._foreach_add_(bucket.values, direction, alpha=-group["lr"] * sign / self._update_queries)
 
 
 class ZOSGDMomentum(ZOOptimizer):

@@ -14,6 +14,16 @@ elements, each drawn from its own generator seeded by ``(step seed, parameter in
 Noise is drawn in float32 whatever the parameter's dtype, so the same seed gives the same
 direction for fp32, bf16 and fp16 weights.
 
+Buckets: a pass over the noise packs the chunks of parameters that share a device and a dtype, in
+order, into buckets of at most ``chunk_numel`` drawn elements (a chunk of a large tensor fills one
+alone; the small tensors of a layer, biases and norms share one). Each chunk of a bucket is still
+drawn from its own seeded generator, into its slice of one flat float32 buffer, so the noise is
+the same as chunk by chunk; the update is then one ``torch._foreach_*`` call per bucket
+(:meth:`SeededNoise.for_each_bucket`) instead of one elementwise op per tensor. On an accelerator,
+where each op is a kernel launch, a pass costs one draw per chunk plus a few launches per bucket,
+not a few launches per tensor. The temporary stays one buffer of ``chunk_numel`` float32 elements
+per worker (two for :meth:`SeededNoise.for_each_chunk_combined`).
+
 Sharded parameters (FSDP2 ``DTensor``s, see :func:`~lightning_bpfree.zo.distributed.shard_of`): a
 rank holding the flat elements ``[offset, offset + n)`` of a parameter draws the whole chunks of the
 parameter that overlap that range (same seeds, same sizes) and keeps the overlap, so its noise is
@@ -28,23 +38,21 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from lightning_bpfree.validation import check_choice, check_int, check_optional, check_positive_int
-from lightning_bpfree.zo.distributed import shard_of
+from lightning_bpfree.zo.distributed import _dtensor_type, shard_of
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
 _MIN_PARALLEL_NUMEL = 1 << 18
+_MIX_START = 0x9E3779B97F4A7C15
+_MAX_PLANS = 64  # remembered bucket plans (one per parameter list: group, block)
 
 
-def mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed (splitmix64 finaliser applied to each value in turn).
-
-    Integers of any size and sign are accepted (taken modulo 2^64); floats, strings and ``None``
-    are refused with a ``TypeError`` (``int(1.5)`` would silently hash as ``1``).
-    """
-    state = 0x9E3779B97F4A7C15
+def _mix(state: int, values: Sequence[int]) -> int:
+    """The splitmix64 state after hashing ``values`` in turn from ``state`` (see :func:`mix_seed`)."""
     for value in values:
         try:
             value = operator.index(value)  # ints, numpy ints, 0-d integer tensors; never floats
@@ -56,7 +64,31 @@ def mix_seed(*values: int) -> int:
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         state = z ^ (z >> 31)
-    return state >> 1
+    return state
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed (splitmix64 finaliser applied to each value in turn).
+
+    Integers of any size and sign are accepted (taken modulo 2^64); floats, strings and ``None``
+    are refused with a ``TypeError`` (``int(1.5)`` would silently hash as ``1``).
+    """
+    return _mix(_MIX_START, values) >> 1
+
+
+_GOLDEN64, _MUL1, _MUL2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix_arrays(state: int, *columns: np.ndarray) -> list[int]:
+    """``_mix(state, row) >> 1`` for every row of the uint64 ``columns`` at once (numpy's uint64
+    arithmetic wraps modulo 2^64, as the masks in :func:`_mix` do): one call per pass, not one per chunk."""
+    mixed = np.full(len(columns[0]), state, dtype=np.uint64)
+    for column in columns:
+        mixed = (mixed ^ column) + _GOLDEN64
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * _MUL1
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * _MUL2
+        mixed = mixed ^ (mixed >> np.uint64(31))
+    return (mixed >> np.uint64(1)).tolist()
 
 
 ChunkFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -75,16 +107,72 @@ def chunk_of(buffer: torch.Tensor, start: int, values: torch.Tensor) -> torch.Te
     return buffer if values.dim() != 1 else buffer.view(-1)[start : start + values.numel()]
 
 
+class NoiseBucket:
+    """Chunks of parameters on one device, of one dtype, whose noise was drawn into one flat float32 buffer.
+
+    One entry per chunk, in the lists ``indices`` (the parameter's seeding index), ``starts`` (the
+    chunk's first element), ``values`` and ``noise`` (as :data:`ChunkFn` receives ``values`` and
+    ``z``: same shapes). ``values`` and ``noise`` are ready for ``torch._foreach_*`` ops, so that one
+    call updates every chunk of the bucket, e.g. ``torch._foreach_add_(b.values, b.noise, alpha=a)``.
+    The lists of indices, starts and values are the remembered plan's: read them, do not change them.
+    """
+
+    __slots__ = ("indices", "starts", "values", "noise")
+
+    def __init__(self, indices: list[int], starts: list[int], values: list[torch.Tensor], noise: list[torch.Tensor]):
+        self.indices, self.starts, self.values, self.noise = indices, starts, values, noise
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class _Bucket:
+    """A planned bucket: its chunk tasks (see ``SeededNoise._param_tasks``), their drawn sizes and total,
+    and the position of its first chunk in the plan (where its seeds start)."""
+
+    __slots__ = ("tasks", "sizes", "total", "first", "indices", "starts", "values", "device", "plain")
+
+    def __init__(self, tasks: list[tuple], first: int):
+        self.tasks, self.first = tasks, first
+        self.sizes = [task[4] for task in tasks]
+        self.total = sum(self.sizes)
+        self.indices = [task[0] for task in tasks]
+        self.starts = [task[2] for task in tasks]
+        self.values = [task[3] for task in tasks]
+        self.device = tasks[0][3].device
+        # every chunk's noise is its whole section of the buffer (no shard slice, no reshape)
+        self.plain = all(task[3].dim() == 1 and task[3].numel() == task[4] for task in tasks)
+
+
+class _Plan:
+    """The buckets of one list of parameters, and each chunk's ``(param index, chunk number)`` as uint64
+    columns (chunk ``k`` of the plan is the ``k - bucket.first``-th of its bucket)."""
+
+    __slots__ = ("buckets", "index_column", "chunk_column")
+
+    def __init__(self, buckets: list[_Bucket]):
+        self.buckets = buckets
+        tasks = [task for bucket in buckets for task in bucket.tasks]
+        # indices of any sign are hashed modulo 2^64, as mix_seed does
+        self.index_column = np.array([operator.index(task[0]) & _MASK64 for task in tasks], dtype=np.uint64)
+        self.chunk_column = np.array([task[1] for task in tasks], dtype=np.uint64)
+
+    def seeds(self, seed: int) -> list[int]:
+        """``mix_seed(seed, param_index, chunk)`` of every chunk, in plan order."""
+        return _mix_arrays(_mix(_MIX_START, (seed,)), self.index_column, self.chunk_column)
+
+
 class SeededNoise:
     """Regenerable noise for a list of parameters.
 
     Args:
         distribution: ``"gaussian"`` (standard normal) or ``"rademacher"`` (+1 / -1 with
             probability 1/2 each).
-        chunk_numel: the most elements drawn at once (bounds the temporary memory to
-            ``4 * chunk_numel`` bytes per worker). Default: 2^18 (1 MiB) on CPU, where the
-            chunks feed a thread pool, and 2^22 (16 MiB) on accelerators, where each chunk costs
-            kernel launches.
+        chunk_numel: the most elements drawn at once, and the cap of a bucket of small chunks
+            (bounds the temporary memory to ``4 * chunk_numel`` bytes per worker, whatever the
+            model). Default: 2^18 (1 MiB) on CPU, where the buckets feed a thread pool, and 2^22
+            (16 MiB) on accelerators, where each chunk costs a kernel launch (its draw) and each
+            bucket a few (its ``torch._foreach_*`` update).
         num_threads: CPU worker threads; default ``torch.get_num_threads()``. CUDA tensors are
             processed in order on the current stream.
     """
@@ -96,36 +184,49 @@ class SeededNoise:
         self.num_threads = check_optional(check_int, "num_threads", num_threads, low=0)  # 0: torch's count
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
+        self._plans: dict[tuple[int, ...], tuple[tuple, _Plan]] = {}
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_pool")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_pool", "_plans")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._local, self._pool = threading.local(), None
+        self._local, self._pool, self._plans = threading.local(), None, {}
 
-    def draw(self, seed: int, numel: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 noise vector ``[numel]`` for one chunk seed (written into ``out[:numel]`` if given)."""
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """This worker thread's generator for ``device`` (re-seeded for every chunk)."""
         generators = self._local.__dict__.setdefault("generators", {})
         generator = generators.get(device)
         if generator is None:
             generator = generators[device] = torch.Generator(device=device)
+        return generator
+
+    def draw(self, seed: int, numel: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 noise vector ``[numel]`` for one chunk seed (written into ``out[:numel]`` if given).
+
+        This defines a chunk's noise; a pass over buckets inlines it (one generator per bucket, the
+        rademacher transform once over the bucket: the same numbers) unless a subclass overrides it.
+        """
+        generator = self._generator(device)
         generator.manual_seed(seed)
-        z = torch.empty(numel, dtype=torch.float32, device=device) if out is None else out[:numel]
+        if out is None:
+            z = torch.empty(numel, dtype=torch.float32, device=device)
+        else:
+            z = out if out.numel() == numel else out[:numel]
         z.normal_(generator=generator)
         if self.distribution == "rademacher":
             z.ge_(0).mul_(2).sub_(1)
         return z
 
     def chunk_size(self, device: torch.device) -> int:
-        """Elements per chunk for tensors on ``device``."""
+        """Elements per chunk (and per bucket) for tensors on ``device``."""
         if self.chunk_numel is not None:
             return self.chunk_numel
         return 1 << 18 if torch.device(device).type == "cpu" else 1 << 22
 
     def _buffer(self, numel: int, device: torch.device) -> torch.Tensor | None:
-        # One noise buffer per worker thread, reused by every chunk: allocating a fresh chunk in each
-        # worker would leave freed chunks resident in the threads' malloc arenas (tens of MB of RSS).
+        # One noise buffer per worker thread, reused by every bucket: allocating a fresh one in each
+        # worker would leave freed buffers resident in the threads' malloc arenas (tens of MB of RSS).
         chunk_numel = self.chunk_size(device)
         if numel > chunk_numel:
             return None
@@ -135,11 +236,10 @@ class SeededNoise:
             buffer = buffers[device] = torch.empty(chunk_numel, dtype=torch.float32, device=device)
         return buffer
 
-    def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None):
+    def _tasks(self, params: Sequence[torch.Tensor], param_indices: Sequence[int]):
         """A task per chunk of every parameter: see :meth:`_param_tasks`."""
-        indices = range(len(params)) if param_indices is None else param_indices
         for position, param in enumerate(params):
-            yield from self._param_tasks(indices[position], *shard_of(param))
+            yield from self._param_tasks(param_indices[position], *shard_of(param))
 
     def _param_tasks(self, index: int, data: torch.Tensor, offset: int, numel: int):
         """``(param_index, chunk_number, start, values, drawn, skip)`` for every chunk of ``data``.
@@ -168,24 +268,141 @@ class SeededNoise:
             values = flat[low - offset : high - offset]
             yield index, chunk, low - offset, values, min(size, numel - chunk * size), low - chunk * size
 
-    def _chunk_noise(self, seed: int, task: tuple) -> torch.Tensor:
-        index, chunk, _, values, drawn, skip = task
-        z = self.draw(mix_seed(seed, index, chunk), drawn, values.device, self._buffer(drawn, values.device))
-        if drawn != values.numel():  # part of a chunk of a sharded parameter
-            return z[skip : skip + values.numel()]
-        return z if values.dim() == 1 else z.view(values.shape)  # a non-contiguous parameter, processed whole
+    def _make_plan(self, tasks) -> _Plan:
+        """Pack the chunk ``tasks`` into buckets of at most ``chunk_size`` drawn elements.
 
-    def _run(self, tasks: list, run: Callable[[tuple], None]) -> None:
+        A bucket holds chunks on one device, of one dtype and all contiguous or all not, so that
+        ``torch._foreach_*`` ops over it can take their fused path (which wants one dtype and matching
+        strides). Chunks join the open bucket of their kind in order; one that would overflow it closes
+        it. A chunk of the cap or more (a whole chunk of a large tensor; a non-contiguous parameter,
+        drawn whole) is a bucket alone.
+        """
+        done: list[list[tuple]] = []
+        open_buckets: dict[tuple, tuple[list[tuple], int]] = {}
+        caps: dict[torch.device, int] = {}
+        for task in tasks:
+            values, drawn = task[3], task[4]
+            device = values.device
+            cap = caps.get(device)
+            if cap is None:
+                cap = caps[device] = self.chunk_size(device)
+            if drawn >= cap:
+                done.append([task])
+                continue
+            key = (device, values.dtype, values.is_contiguous())
+            members, total = open_buckets.get(key, ([], 0))
+            if total + drawn > cap:
+                done.append(members)
+                members, total = [], 0
+            members.append(task)
+            open_buckets[key] = (members, total + drawn)
+        done.extend(members for members, _ in open_buckets.values())
+        buckets, first = [], 0
+        for members in done:
+            buckets.append(_Bucket(members, first))
+            first += len(members)
+        return _Plan(buckets)
+
+    def _plan(self, params: Sequence[torch.Tensor], param_indices: Sequence[int] | None) -> _Plan:
+        """The buckets of ``params`` (:meth:`_make_plan`), remembered between passes.
+
+        Planning costs more host time per tensor than drawing its noise, and the passes of a step (and
+        the steps) go over the same parameters: the plan is kept per list of seeding indices and reused
+        while every parameter still has the same storage address, shape, strides, dtype and device
+        (the plan's views keep the old storage alive, so a replaced ``param.data`` never shares its
+        address). Sharded (``DTensor``) parameters, and tensors without a data pointer, are planned every pass.
+        """
+        indices = tuple(range(len(params)) if param_indices is None else param_indices)
+        dtensor = _dtensor_type()
+        if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+            return self._make_plan(self._tasks(params, indices))
+        try:
+            signature = tuple((p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
+        except RuntimeError:  # a tensor subclass without storage of its own: plan every pass
+            return self._make_plan(self._tasks(params, indices))
+        cached = self._plans.get(indices)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        plan = self._make_plan(self._tasks(params, indices))
+        if len(self._plans) >= _MAX_PLANS:  # e.g. many blocks: start over rather than grow
+            self._plans.clear()
+        self._plans[indices] = (signature, plan)
+        return plan
+
+    @staticmethod
+    def _views(sections: Sequence[torch.Tensor], bucket: _Bucket) -> list[torch.Tensor]:
+        """The noise of each chunk from its ``drawn`` elements: its slice for a shard, shaped like a
+        non-contiguous parameter, the section itself otherwise."""
+        out = list(sections)
+        if bucket.plain:
+            return out
+        for position, (_, _, _, values, drawn, skip) in enumerate(bucket.tasks):
+            count = values.numel()
+            if count != drawn:  # part of a chunk of a sharded parameter
+                out[position] = out[position][skip : skip + count]
+            elif values.dim() != 1:  # a non-contiguous parameter, processed whole
+                out[position] = out[position].view(values.shape)
+        return out
+
+    def _draw_bucket(self, bucket: _Bucket, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Draw every chunk of ``bucket`` into one flat float32 tensor, chunk ``k`` from ``seeds[first + k]``.
+
+        Each chunk gets exactly the numbers it gets drawn alone (its own generator seeded by
+        ``mix_seed(seed, param_index, chunk)``, its own contiguous slice). Returns the flat tensor (the
+        worker's buffer, reused by its next bucket) and each chunk's noise (:meth:`_views`).
+        """
+        device, total = bucket.device, bucket.total
+        flat = self._buffer(total, device)
+        flat = torch.empty(total, dtype=torch.float32, device=device) if flat is None else flat[:total]
+        sections = flat.split(bucket.sizes) if len(bucket.sizes) > 1 else (flat,)
+        seeds = seeds[bucket.first : bucket.first + len(bucket.sizes)]
+        if type(self).draw is _DRAW:  # draw() inlined: per chunk, one seeding and one kernel
+            generator = self._generator(device)
+            for seed, section in zip(seeds, sections):
+                generator.manual_seed(seed)
+                section.normal_(generator=generator)
+            if self.distribution == "rademacher":  # elementwise: the same over the bucket as per chunk
+                flat.ge_(0).mul_(2).sub_(1)
+        else:
+            for seed, size, section in zip(seeds, bucket.sizes, sections):
+                self.draw(seed, size, device, section)
+        return flat, self._views(sections, bucket)
+
+    def _run(self, plan: _Plan, run: Callable[[_Bucket], None]) -> None:
+        buckets = plan.buckets
         threads = self.num_threads or torch.get_num_threads()
-        small = sum(t[3].numel() for t in tasks) < _MIN_PARALLEL_NUMEL  # thread hand-off would cost more
-        if threads <= 1 or len(tasks) < 2 or small or any(t[3].device.type != "cpu" for t in tasks):
-            for task in tasks:
-                run(task)
+        small = sum(bucket.total for bucket in buckets) < _MIN_PARALLEL_NUMEL  # thread hand-off would cost more
+        cpu = all(bucket.device.type == "cpu" for bucket in buckets)
+        if threads <= 1 or len(buckets) < 2 or small or not cpu:
+            for bucket in buckets:
+                run(bucket)
             return
         if self._pool is None or self._pool._max_workers != threads:
             self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bpfree-noise")
-        for future in [self._pool.submit(run, task) for task in tasks]:
+        for future in [self._pool.submit(run, bucket) for bucket in buckets]:
             future.result()
+
+    def for_each_bucket(
+        self,
+        params: Sequence[torch.Tensor],
+        seed: int,
+        fn: Callable[[NoiseBucket], None],
+        param_indices: Sequence[int] | None = None,
+    ) -> None:
+        """Call ``fn(bucket)`` once per :class:`NoiseBucket` of the chunks of ``params``.
+
+        The same noise as :meth:`for_each_chunk` gives chunk by chunk (``param_indices`` as there),
+        grouped so that ``fn`` can update many tensors with one ``torch._foreach_*`` call. ``fn``
+        runs on worker threads on CPU; the noise lives in a buffer reused by the next bucket.
+        """
+        plan = self._plan(params, param_indices)
+        seeds = plan.seeds(seed)
+
+        def run(bucket: _Bucket) -> None:
+            noise = self._draw_bucket(bucket, seeds)[1]
+            fn(NoiseBucket(bucket.indices, bucket.starts, bucket.values, noise))
+
+        self._run(plan, run)
 
     def for_each_chunk(
         self, params: Sequence[torch.Tensor], seed: int, fn: ChunkFn, param_indices: Sequence[int] | None = None
@@ -195,14 +412,16 @@ class SeededNoise:
         ``param_indices[i]`` is the index that seeds ``params[i]`` (default ``i``): keep it fixed
         for a parameter across calls so that it always gets the same noise for the same seed.
         ``fn`` may modify ``values`` in place; it runs on worker threads on CPU. ``z`` lives in a
-        buffer reused by the next chunk: copy it if it must outlive the call.
+        buffer reused by the next bucket of chunks: copy it if it must outlive the call.
         """
+        plan = self._plan(params, param_indices)
+        seeds = plan.seeds(seed)
 
-        def run(task: tuple) -> None:
-            index, _, start, values, _, _ = task
-            fn(index, start, values, self._chunk_noise(seed, task))
+        def run(bucket: _Bucket) -> None:
+            for index, start, values, z in zip(bucket.indices, bucket.starts, bucket.values, self._draw_bucket(bucket, seeds)[1]):
+                fn(index, start, values, z)
 
-        self._run(list(self._tasks(params, param_indices)), run)
+        self._run(plan, run)
 
     def for_each_chunk_combined(
         self,
@@ -216,20 +435,27 @@ class SeededNoise:
 
         ``combined = sum_k weights[k] * z_k`` over the noises of ``seeds`` for that chunk, and
         ``last_z`` is the noise of ``seeds[-1]`` alone. The chunks are visited once whatever the
-        number of seeds, so the temporary memory is two chunks per worker (not one per seed).
+        number of seeds, so the temporary memory is two buckets per worker (not one per seed).
         """
         if len(seeds) != len(weights) or not seeds:
-            raise ValueError(f"seeds and weights must be non-empty and of equal length, got {len(seeds)} and {len(weights)}")
+            raise ValueError(
+                f"seeds and weights must be non-empty and of equal length, got {len(seeds)} and {len(weights)}"
+            )
+        plan = self._plan(params, param_indices)
+        chunk_seeds = [plan.seeds(seed) for seed in seeds]
 
-        def run(task: tuple) -> None:
-            index, _, start, values, _, _ = task
+        def run(bucket: _Bucket) -> None:
             combined = None
-            for seed, weight in zip(seeds, weights):
-                z = self._chunk_noise(seed, task)
-                combined = z * weight if combined is None else combined.add_(z, alpha=weight)
-            fn(index, start, values, combined, z)
+            for these_seeds, weight in zip(chunk_seeds, weights):
+                flat, zs = self._draw_bucket(bucket, these_seeds)
+                # elementwise over the bucket: the same arithmetic as chunk by chunk
+                combined = flat * weight if combined is None else combined.add_(flat, alpha=weight)
+            sections = combined.split(bucket.sizes) if len(bucket.sizes) > 1 else (combined,)
+            mixed = self._views(sections, bucket)
+            for index, start, values, c, z in zip(bucket.indices, bucket.starts, bucket.values, mixed, zs):
+                fn(index, start, values, c, z)
 
-        self._run(list(self._tasks(params, param_indices)), run)
+        self._run(plan, run)
 
     def noise_like(self, param: torch.Tensor, seed: int, param_index: int = 0) -> torch.Tensor:
         """The noise tensor (float32) that ``for_each_chunk`` applies to ``param``: shaped like it, or
@@ -253,9 +479,15 @@ class SeededNoise:
         out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
         if not 0 <= offset <= offset + out.numel() <= numel:
             raise ValueError(f"elements {offset}:{offset + out.numel()} are not inside a parameter of {numel} elements")
+        plan = self._make_plan(self._param_tasks(param_index, out, offset, numel))
+        seeds = plan.seeds(seed)
 
-        def copy(task: tuple) -> None:
-            task[3].copy_(self._chunk_noise(seed, task))
+        def copy(bucket: _Bucket) -> None:
+            for values, z in zip(bucket.values, self._draw_bucket(bucket, seeds)[1]):
+                values.copy_(z)
 
-        self._run(list(self._param_tasks(param_index, out, offset, numel)), copy)
+        self._run(plan, copy)
         return out
+
+
+_DRAW = SeededNoise.draw  # the definition _draw_bucket inlines
