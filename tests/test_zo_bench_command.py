@@ -73,6 +73,10 @@ def test_memory_part_repeats_each_configuration_and_reports_the_spread(tmp_path,
     # 5 % of 20.6 MiB of parameters is far below the 12 MiB spread of the inference runs: no verdict on the target
     assert "not judged at this size" in figures["verdict"]
     assert (tmp_path / f"{bench.NAME}-memory.png").stat().st_size > 10_000
+    from PIL import Image  # matplotlib's own dependency
+
+    # three panels of 5 inches at 120 dpi: memory, time per configuration, and the ratio against tokens per step
+    assert Image.open(tmp_path / f"{bench.NAME}-memory.png").size[0] == 3 * 5 * 120
     assert not (tmp_path / f"{bench.NAME}.json").exists()  # the methods part's files are not touched
 
 

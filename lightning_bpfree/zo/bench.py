@@ -574,8 +574,11 @@ def compare_with_inference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_memory(rows: list[dict[str, Any]], title: str, path) -> None:
-    fig, (ax_mem, ax_time) = benchmarking.new_figure(ncols=2, width=5)
+def plot_memory(rows: list[dict[str, Any]], title: str, path, timing: dict[str, Any] | None = None) -> None:
+    """Peak memory and time per configuration; with ``timing`` (:func:`measure_time_ratio`'s result) a
+    third panel: the ZO-SGD step over one forward against the tokens per step, with the 2.4x goal."""
+    fig, axes = benchmarking.new_figure(ncols=2 if timing is None else 3, width=5)
+    ax_mem, ax_time = axes[:2]
     colors = {"inference": "grey", "zo-sgd": "tab:green", "zo-adam": "tab:olive", "fo-sgd": "tab:orange",
               "fo-adamw": "tab:red"}  # fmt: skip
     names = [f"{r['mode']}\n{r['size']} {r['loop']}" for r in rows]
@@ -590,6 +593,20 @@ def plot_memory(rows: list[dict[str, Any]], title: str, path) -> None:
     for axis in (ax_mem, ax_time):
         axis.tick_params(axis="x", labelsize=6, rotation=90)
     ax_mem.set_title(title)
+    if timing is not None:
+        ax_ratio = axes[2]
+        tokens = [r["tokens"] for r in timing["rows"]]
+        ratios = [r["x one forward"] for r in timing["rows"]]
+        whiskers = [[m - r["ratio spread"][0] for m, r in zip(ratios, timing["rows"])],
+                    [r["ratio spread"][1] - m for m, r in zip(ratios, timing["rows"])]]  # fmt: skip
+        ax_ratio.errorbar(tokens, ratios, yerr=whiskers, marker="o", color="tab:green", capsize=3)
+        ax_ratio.axhline(2.4, ls="--", color="k", lw=1, label="goal 2.4x")
+        ax_ratio.axhline(2.0, ls=":", color="grey", lw=1, label="two forwards")
+        ax_ratio.set_xscale("log")
+        ax_ratio.set_xlabel("tokens per step (batch x sequence)")
+        ax_ratio.set_ylabel("ZO-SGD step / forward (median, min-max)")
+        ax_ratio.set_title(f"time ratio, {timing['parameters'] / 1e6:.0f} M parameters")
+        ax_ratio.legend(fontsize=7)
     benchmarking.save_figure(fig, path)
 
 
@@ -652,7 +669,7 @@ def memory_part(args: argparse.Namespace) -> int:
     report = "\n\n".join([header, benchmarking.format_table(table), verdict, time_header,
                           benchmarking.format_table(time_table)])  # fmt: skip
     figures = {"header": header, "repeats": repeats, "rows": rows, "verdict": verdict, "time_ratio": timing}
-    benchmarking.finish(args.out, f"{NAME}-memory", figures, report, lambda path: plot_memory(rows, "OPT-style", path))
+    benchmarking.finish(args.out, f"{NAME}-memory", figures, report, lambda path: plot_memory(rows, "OPT-style", path, timing))
     return 0
 
 
