@@ -1,22 +1,8 @@
-import os
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` compare CPU with CUDA: skipped only where no CUDA device exists, run wherever
-    one does (``make test``'s ``-m 'not slow'`` keeps them, as they are fast)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+# The offline environment, the docs-snippet plugin and the gpu-marker hook are in the repository's root
+# conftest.py, which pytest loads for every test here too.
 
 
 @pytest.fixture(autouse=True)
